@@ -1,0 +1,1 @@
+"""Policies, baselines and meta-learners."""

@@ -1,0 +1,1 @@
+"""binom-rl: gradient-based meta-RL with binomial meta-gradient estimators."""
