@@ -1,0 +1,170 @@
+"""Tests for binom_rl.rl against hand computations and numpy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from binom_rl.rl import (
+    conjugate_gradient,
+    discounted_returns,
+    flatten_params,
+    gae,
+    line_search,
+    masked_mean,
+    normalize_advantages,
+    tree_add,
+    tree_dot,
+    tree_scale,
+    unflatten_params,
+)
+
+
+def test_masked_mean():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(masked_mean(x, mask), torch.tensor((1 + 2 + 3) / 3))
+    # all masked: denominator clamped to 1, no NaN
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+    # trailing dims of x are averaged too
+    y = torch.ones(3, 2, 4)
+    assert torch.allclose(masked_mean(y, mask), torch.tensor(1.0))
+
+
+def test_discounted_returns_by_hand():
+    # gamma = 0.5; episode 0 lasts 3 steps, episode 1 lasts 2 steps (masked after).
+    rewards = torch.tensor([[1.0, 2.0], [2.0, 4.0], [4.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    # ep0: G2 = 4, G1 = 2 + 0.5*4 = 4, G0 = 1 + 0.5*4 = 3
+    # ep1: G2 = 0 (masked), G1 = 4, G0 = 2 + 0.5*4 = 4
+    expected = torch.tensor([[3.0, 4.0], [4.0, 4.0], [4.0, 0.0]])
+    assert torch.allclose(discounted_returns(rewards, mask, 0.5), expected)
+
+
+def test_gae_by_hand():
+    # gamma = 0.5, lambda = 0.5, column 0 full 3-step episode, column 1 ends after 2 steps.
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 50.0]])
+    values = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    # column 0 (value past horizon = 0):
+    #   d2 = 3 + 0 - 4 = -1
+    #   d1 = 2 + 0.5*4 - 2 = 2
+    #   d0 = 1 + 0.5*2 - 1 = 1
+    #   A2 = -1, A1 = 2 + 0.25*(-1) = 1.75, A0 = 1 + 0.25*1.75 = 1.4375
+    # column 1 (step 2 masked: V_2 m_2 = 0, A_2 = 0):
+    #   d1 = 2 + 0 - 2 = 0, d0 = 1 + 0.5*2 - 1 = 1
+    #   A1 = 0, A0 = 1 + 0.25*0 = 1
+    expected = torch.tensor([[1.4375, 1.0], [1.75, 0.0], [-1.0, 0.0]])
+    assert torch.allclose(gae(rewards, values, mask, 0.5, 0.5), expected)
+
+
+def test_gae_lambda_one_equals_returns_minus_values():
+    torch.manual_seed(0)
+    h, b = 7, 4
+    rewards = torch.randn(h, b)
+    values = torch.randn(h, b)
+    lengths = torch.tensor([7, 5, 1, 3])
+    mask = (torch.arange(h)[:, None] < lengths[None]).float()
+    adv = gae(rewards, values, mask, 0.9, 1.0)
+    ret = discounted_returns(rewards, mask, 0.9)
+    assert torch.allclose(adv, (ret - values) * mask, atol=1e-5)
+
+
+def test_gae_under_vmap_over_tasks():
+    torch.manual_seed(1)
+    h, t, b = 5, 3, 2
+    rewards, values = torch.randn(h, t, b), torch.randn(h, t, b)
+    mask = torch.ones(h, t, b)
+    mask[3:, 1] = 0.0
+    ref = gae(rewards, values, mask, 0.99, 0.95)
+    out = torch.func.vmap(lambda r, v, m: gae(r, v, m, 0.99, 0.95), in_dims=1, out_dims=1)(
+        rewards, values, mask
+    )
+    assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_normalize_advantages_per_task():
+    torch.manual_seed(2)
+    h, t, b = 6, 3, 4
+    adv = torch.randn(h, t, b) * torch.tensor([1.0, 5.0, 0.1])[None, :, None]
+    mask = torch.ones(h, t, b)
+    mask[4:, 0] = 0.0
+    out = normalize_advantages(adv, mask, dims=(0, 2))
+    assert torch.all(out[mask == 0] == 0)
+    for k in range(t):
+        valid = adv[:, k][mask[:, k] > 0].double().numpy()
+        ref = (valid - valid.mean()) / (valid.std() + 1e-8)
+        got = out[:, k][mask[:, k] > 0].double().numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    # global
+    out_all = normalize_advantages(adv, mask)
+    valid = adv[mask > 0].double().numpy()
+    np.testing.assert_allclose(
+        out_all[mask > 0].double().numpy(),
+        (valid - valid.mean()) / (valid.std() + 1e-8),
+        atol=1e-5,
+    )
+
+
+def test_flatten_roundtrip_and_tree_helpers():
+    d = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7.0, 8.0])}
+    vec = flatten_params(d)
+    assert torch.equal(vec, torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 8]))
+    back = unflatten_params(vec, d)
+    assert list(back) == ["a", "b"]
+    assert all(torch.equal(back[k], d[k]) for k in d)
+    s = tree_add(d, tree_scale(d, 2.0), alpha=0.5)
+    assert torch.allclose(flatten_params(s), 2.0 * vec)
+    assert torch.allclose(tree_dot(d, d), vec @ vec)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_conjugate_gradient_spd(n):
+    rng = np.random.default_rng(n)
+    m = rng.standard_normal((n, n))
+    a = m @ m.T + n * np.eye(n)
+    b = rng.standard_normal(n)
+    at = torch.tensor(a)
+    x = conjugate_gradient(lambda v: at @ v, torch.tensor(b), iters=n)
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(a, b), rtol=1e-5, atol=1e-6)
+    # extra iterations after convergence are no-ops (no NaN from 0/0)
+    x_more = conjugate_gradient(lambda v: at @ v, torch.tensor(b), iters=3 * n + 5)
+    assert torch.isfinite(x_more).all()
+    np.testing.assert_allclose(x_more.numpy(), np.linalg.solve(a, b), rtol=1e-5, atol=1e-6)
+
+
+def test_conjugate_gradient_zero_rhs_and_float32():
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+    x = conjugate_gradient(lambda v: a @ v, torch.zeros(3), iters=5)
+    assert torch.equal(x, torch.zeros(3))
+    b = torch.tensor([1.0, 1.0, 1.0])
+    x = conjugate_gradient(lambda v: a @ v, b, iters=10)
+    assert torch.allclose(x, torch.tensor([1.0, 0.5, 1.0 / 3.0]), atol=1e-6)
+
+
+def test_line_search_known_function():
+    # loss(x) = (x - 1)^2 from x0 = 0 along step 5: new x = 5 f.
+    # improvement = 1 - (5f - 1)^2 > 0  <=>  0 < f < 0.4; kl = f^2 <= 0.1 <=> f <= 0.316
+    def evaluate(f):
+        return 1.0 - (5.0 * f - 1.0) ** 2, f**2
+
+    frac, tries = line_search(evaluate, max_steps=15, backtrack_ratio=0.5, max_kl=0.1)
+    # fractions 1, .5, .25: .25 is the first with improvement > 0 and kl <= .1
+    assert frac == 0.25 and tries == 3
+    # KL constraint binds: with max_kl = 0.01 need f <= 0.1 -> 0.0625 (5th try)
+    frac, tries = line_search(evaluate, max_steps=15, backtrack_ratio=0.5, max_kl=0.01)
+    assert frac == 0.0625 and tries == 5
+
+
+def test_line_search_rejects_all_and_nonfinite():
+    frac, tries = line_search(lambda f: (-1.0, 0.0), max_steps=4, backtrack_ratio=0.8, max_kl=1.0)
+    assert (frac, tries) == (0.0, 4)
+    calls = []
+
+    def evaluate(f):
+        calls.append(f)
+        return (math.nan, 0.0) if f == 1.0 else (1.0, math.inf if len(calls) == 2 else 0.0)
+
+    frac, tries = line_search(evaluate, max_steps=5, backtrack_ratio=0.5, max_kl=1.0)
+    assert frac == 0.25 and tries == 3
