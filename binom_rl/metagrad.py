@@ -1,0 +1,534 @@
+"""Meta-gradient estimators over parameter dicts: exact MAML, FOMAML, TruncMAML, BinomMAML.
+
+K inner gradient steps on fixed data (step k uses ``inner_data[k]``)::
+
+    phi_0 = theta,   phi_{k+1} = phi_k - alpha * grad L_k(phi_k)
+
+have the Jacobian ``J = d phi_K / d theta = (I - a H_{K-1}) ... (I - a H_0)`` with
+``H_k = hess L_k(phi_k)`` (symmetric), so
+
+    J^T v = (I - a H_0)(I - a H_1) ... (I - a H_{K-1}) v     (meta_vjp)
+    J   v = (I - a H_{K-1}) ... (I - a H_1)(I - a H_0) v     (meta_jvp)
+
+Estimators of these products (``method``):
+
+- ``"maml"``:   the exact product, one Hessian-vector product (HVP) per step, sequentially.
+- ``"fomaml"``: J = I.
+- ``"trunc"``:  only the factors of the last ``order`` steps (truncated backprop).
+- ``"binom"``:  the product expanded, keeping every term with at most ``order`` Hessians::
+
+      J^T v ~= sum_{l=0..L} (-a)^l sum_{k_1 < ... < k_l} H_{k_1} ... H_{k_l} v
+
+  computed as a cascade of L levels; with w^(0) = v and suffix sums
+  S^(l-1)_{k+1} = sum_{j>k} w^(l-1)_j (S^(0) = v)::
+
+      level l:  w^(l)_k = H_k S^(l-1)_{k+1}        (only k <= K - l are non-zero)
+      result:   v + sum_l (-a)^l sum_k w^(l)_k
+
+  Every HVP of one level is independent of the others, so a level is one vmap call over
+  all (task, step) pairs: the depth is L, not K. Only vectors survive between levels, so
+  memory does not grow with K beyond the K stored parameter vectors and the data.
+  ``meta_jvp`` runs the same cascade over the steps in reverse order (prefix sums).
+
+Every function has a task-batched twin (``batched_*``): parameters shared, data and paths
+with a leading task dimension T, computed with vmap; equal to a Python loop over tasks.
+HVPs are forward-over-reverse (``jvp(grad(f))``), falling back to reverse-over-reverse
+where forward-mode AD lacks an op.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_leaves, tree_map
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Params, Any], Tensor]
+
+METHODS = ("maml", "fomaml", "trunc", "binom")
+HVP_MODES = ("auto", "fwdrev", "revrev")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def functional_model(module: nn.Module) -> tuple[Params, Callable[..., Tensor]]:
+    """(detached parameter dict, pure ``forward(params, *inputs)``) for any nn.Module."""
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+    def forward(params: Mapping[str, Tensor], *inputs: Any, **kwargs: Any) -> Tensor:
+        return functional_call(module, dict(params), inputs, kwargs)
+
+    return params, forward
+
+
+def _stack(trees: Sequence[Any], dim: int) -> Any:
+    """Stack a list of identically shaped pytrees along a new dimension ``dim``."""
+    try:
+        return tree_map(lambda *xs: torch.stack(xs, dim=dim), trees[0], *trees[1:])
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"every inner step's data must have the same structure and shapes: {err}"
+        ) from err
+
+
+def _index(tree: Any, idx: Any) -> Any:
+    return tree_map(lambda x: x[idx], tree)
+
+
+def _flatten2(tree: Any) -> Any:
+    """[T, n, ...] -> [T * n, ...] for every leaf (one batch of (task, step) pairs)."""
+    return tree_map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
+
+
+def _unflatten2(tree: Any, t: int) -> Any:
+    return tree_map(lambda x: x.reshape(t, x.shape[0] // t, *x.shape[1:]), tree)
+
+
+def _axpy(a: float, x: Params, y: Params) -> Params:
+    """y + a * x, key by key."""
+    return {k: y[k] + a * x[k] for k in y}
+
+
+def _sum_dim(tree: Params, dim: int) -> Params:
+    return {k: v.sum(dim) for k, v in tree.items()}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_method(method: str, order: int | None, num_steps: int) -> int:
+    """Validate (method, order) against K steps; return the effective order."""
+    if method not in METHODS:
+        raise ValueError(f"unknown meta-gradient method {method!r}; expected one of {METHODS}")
+    if num_steps < 1:
+        raise ValueError("inner_data is empty: at least one inner step is needed")
+    if method == "maml":
+        return num_steps
+    if method == "fomaml":
+        return 0
+    if order is None:
+        raise ValueError(f"method {method!r} needs an order (number of Hessian factors kept)")
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise ValueError(f"order must be an int, got {order!r}")
+    if order < 0:
+        raise ValueError(f"order must be >= 0, got {order}")
+    if order > num_steps:
+        raise ValueError(
+            f"order={order} > K={num_steps} inner steps: {method} keeps at most K Hessian "
+            f"factors, and {method} with order >= K is already exact MAML; use order <= {num_steps}"
+        )
+    return order
+
+
+def _check_like(v: Mapping[str, Tensor], like: Mapping[str, Tensor], name: str) -> None:
+    if set(v) != set(like):
+        missing, extra = sorted(set(like) - set(v)), sorted(set(v) - set(like))
+        raise ValueError(
+            f"{name} keys differ from the parameters: missing {missing}, extra {extra}"
+        )
+    for k in like:
+        if v[k].shape != like[k].shape:
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(v[k].shape)}, expected {tuple(like[k].shape)}"
+            )
+
+
+def _check_hvp_mode(hvp_mode: str) -> None:
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"unknown hvp_mode {hvp_mode!r}; expected one of {HVP_MODES}")
+
+
+# --------------------------------------------------------------------------- HVPs
+
+
+def _hvp_fwdrev(loss: LossFn, params: Params, data: Any, vec: Params) -> Params:
+    return jvp(lambda p: grad(loss)(p, data), (params,), (vec,))[1]
+
+
+def _hvp_revrev(loss: LossFn, params: Params, data: Any, vec: Params) -> Params:
+    _, pullback = vjp(lambda p: grad(loss)(p, data), params)
+    return pullback(vec)[0]  # H is symmetric, so H^T v = H v
+
+
+def _batched_hvp(
+    loss: LossFn, params: Params, data: Any, vecs: Params, chunk_size: int | None, hvp_mode: str
+) -> Params:
+    """H(params[i], data[i]) vecs[i] for every i along the leading dim, as one vmap call."""
+    if hvp_mode in ("auto", "fwdrev"):
+        fn = vmap(lambda p, d, v: _hvp_fwdrev(loss, p, d, v), chunk_size=chunk_size)
+        if hvp_mode == "fwdrev":
+            return fn(params, data, vecs)
+        try:
+            return fn(params, data, vecs)
+        except (NotImplementedError, RuntimeError) as err:
+            # Some ops have no forward-mode AD formula; reverse-over-reverse always works.
+            warnings.warn(
+                f"forward-over-reverse HVP failed ({err}); using reverse-over-reverse",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    fn = vmap(lambda p, d, v: _hvp_revrev(loss, p, d, v), chunk_size=chunk_size)
+    return fn(params, data, vecs)
+
+
+# --------------------------------------------------------------------------- inner loop
+
+
+def batched_inner_step(
+    inner_loss: LossFn, params: Params, data: Any, *, step_size: float
+) -> Params:
+    """phi' = phi - a grad L(phi, data), for a leading task dimension on params and data."""
+    grads = vmap(grad(inner_loss))(params, data)
+    return {k: (params[k] - step_size * grads[k]).detach() for k in params}
+
+
+def batched_adapt(
+    inner_loss: LossFn,
+    params: Params,
+    inner_data: Sequence[Any],
+    *,
+    step_size: float,
+    num_tasks: int | None = None,
+) -> list[Params]:
+    """Task-batched :func:`adapt`: shared ``params``, ``inner_data[k]`` with a leading task dim.
+
+    Returns the path phi_0..phi_K, each with a leading task dimension T.
+    """
+    if len(inner_data) == 0:
+        raise ValueError("inner_data is empty: at least one inner step is needed")
+    if num_tasks is None:
+        num_tasks = tree_leaves_first(inner_data[0]).shape[0]
+    phi = {k: v.detach().unsqueeze(0).expand(num_tasks, *v.shape) for k, v in params.items()}
+    path = [phi]
+    for data in inner_data:
+        phi = batched_inner_step(inner_loss, phi, data, step_size=step_size)
+        path.append(phi)
+    return path
+
+
+def adapt(
+    inner_loss: LossFn, params: Params, inner_data: Sequence[Any], *, step_size: float
+) -> list[Params]:
+    """The path [phi_0 = params, ..., phi_K] of K = len(inner_data) gradient steps (no graph)."""
+    batched = batched_adapt(
+        inner_loss, params, [_unsqueeze(d) for d in inner_data], step_size=step_size, num_tasks=1
+    )
+    return [_squeeze(p) for p in batched]
+
+
+def tree_leaves_first(tree: Any) -> Tensor:
+    """The first tensor of a pytree (to read the task dimension from)."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        raise ValueError("data has no tensors")
+    return leaves[0]
+
+
+def _unsqueeze(tree: Any) -> Any:
+    return tree_map(lambda x: x.unsqueeze(0), tree)
+
+
+def _squeeze(tree: Any) -> Any:
+    return tree_map(lambda x: x.squeeze(0), tree)
+
+
+# --------------------------------------------------------------------------- products
+
+
+def _step_order(method: str, order: int, num_steps: int, transpose: bool) -> list[int]:
+    """Steps whose factors enter, in 'leftmost-first' order of the product applied to v.
+
+    J^T v = (I-aH_0)...(I-aH_{K-1}) v: leftmost is step 0. J v: leftmost is step K-1.
+    Trunc keeps the last ``order`` steps of the inner loop in both directions.
+    """
+    steps = list(range(num_steps))
+    if method == "trunc":
+        steps = steps[num_steps - order :]
+    return steps if transpose else steps[::-1]
+
+
+def _sequential_product(
+    loss, path_stack, data_stack, v, steps, step_size, chunk_size, hvp_mode
+) -> Params:
+    """Exact (I - a H_{s_0}) ... (I - a H_{s_n}) v, applying the rightmost factor first."""
+    u = v
+    for k in reversed(steps):
+        hu = _batched_hvp(
+            loss,
+            _index(path_stack, (slice(None), k)),
+            _index(data_stack, (slice(None), k)),
+            u,
+            chunk_size,
+            hvp_mode,
+        )
+        u = _axpy(-step_size, hu, u)
+    return u
+
+
+def _binomial_product(
+    loss, path_stack, data_stack, v, steps, order, step_size, chunk_size, hvp_mode
+) -> Params:
+    """Truncated binomial expansion of (I - a H_{s_0}) ... (I - a H_{s_n}) v, as L levels.
+
+    Level l computes w^(l)_i = H_{s_i} S_{i+1} for i = 0..n-l at once, where S_{i+1} is the
+    sum of the previous level's w over positions > i (S = v at level 1).
+    """
+    n = len(steps)
+    num_tasks = next(iter(v.values())).shape[0]
+    idx = torch.tensor(steps)
+    phis = _index(path_stack, (slice(None), idx))  # [T, n, ...] in product order
+    datas = _index(data_stack, (slice(None), idx))
+    result = v
+    w: Params | None = None
+    coeff = 1.0
+    for level in range(1, order + 1):
+        m = n - level + 1  # positions 0..n-level carry a non-zero term
+        if w is None:
+            vecs = {k: x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:]) for k, x in v.items()}
+        else:
+            # suffix sums over positions > i: reverse cumulative sum, shifted by one.
+            vecs = {k: x.flip(1).cumsum(1).flip(1)[:, 1 : m + 1] for k, x in w.items()}
+        hw = _batched_hvp(
+            loss,
+            _flatten2(_index(phis, (slice(None), slice(0, m)))),
+            _flatten2(_index(datas, (slice(None), slice(0, m)))),
+            _flatten2(vecs),
+            chunk_size,
+            hvp_mode,
+        )
+        w = _unflatten2(hw, num_tasks)
+        coeff *= -step_size
+        result = _axpy(coeff, _sum_dim(w, 1), result)
+    return result
+
+
+def _meta_product(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    *,
+    step_size: float,
+    method: str,
+    order: int | None,
+    chunk_size: int | None,
+    hvp_mode: str,
+    transpose: bool,
+) -> Params:
+    num_steps = len(inner_data)
+    order = _check_method(method, order, num_steps)
+    _check_hvp_mode(hvp_mode)
+    if len(path) != num_steps + 1:
+        raise ValueError(
+            f"path has {len(path)} parameter dicts, expected K + 1 = {num_steps + 1} "
+            "(phi_0 .. phi_K from adapt)"
+        )
+    _check_like(v, path[0], "v")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if method == "fomaml" or order == 0:
+        return dict(v)
+    steps = _step_order(method, order, num_steps, transpose)
+    # Stack phi_0..phi_{K-1} and the data along a step dim: [T, K, ...]. Only the parameter
+    # vectors and the data are stored; every HVP graph lives inside one vmap call.
+    path_stack = _stack(list(path[:num_steps]), dim=1)
+    data_stack = _stack(list(inner_data), dim=1)
+    if method in ("maml", "trunc") or order >= len(steps):
+        # binom with order >= K keeps every term: it is the exact product, so skip the cascade.
+        return _sequential_product(
+            inner_loss, path_stack, data_stack, v, steps, step_size, chunk_size, hvp_mode
+        )
+    return _binomial_product(
+        inner_loss, path_stack, data_stack, v, steps, order, step_size, chunk_size, hvp_mode
+    )
+
+
+def batched_meta_vjp(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    *,
+    step_size: float,
+    method: str,
+    order: int | None = None,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+) -> Params:
+    """Task-batched J_t^T v_t for every task t (leading task dim on path, data and v)."""
+    return _meta_product(
+        inner_loss,
+        path,
+        inner_data,
+        v,
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+        transpose=True,
+    )
+
+
+def batched_meta_jvp(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    *,
+    step_size: float,
+    method: str,
+    order: int | None = None,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+) -> Params:
+    """Task-batched J_t v_t. ``v`` may also be one shared vector (no task dim)."""
+    num_tasks = next(iter(path[0].values())).shape[0]
+    if all(k in path[0] and v[k].shape == path[0][k].shape[1:] for k in v):
+        v = {k: x.unsqueeze(0).expand(num_tasks, *x.shape) for k, x in v.items()}
+    return _meta_product(
+        inner_loss,
+        path,
+        inner_data,
+        v,
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+        transpose=False,
+    )
+
+
+def meta_vjp(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    *,
+    step_size: float,
+    method: str,
+    order: int | None = None,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+) -> Params:
+    """J^T v with J = d phi_K / d theta, estimated by ``method`` (see module docstring)."""
+    _check_like(v, path[0], "v")
+    out = batched_meta_vjp(
+        inner_loss,
+        [_unsqueeze(p) for p in path],
+        [_unsqueeze(d) for d in inner_data],
+        _unsqueeze(v),
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+    )
+    return _squeeze(out)
+
+
+def meta_jvp(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    *,
+    step_size: float,
+    method: str,
+    order: int | None = None,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+) -> Params:
+    """J v (forward product), estimated by ``method``; needed by trust-region outer steps."""
+    _check_like(v, path[0], "v")
+    out = batched_meta_jvp(
+        inner_loss,
+        [_unsqueeze(p) for p in path],
+        [_unsqueeze(d) for d in inner_data],
+        _unsqueeze(v),
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+    )
+    return _squeeze(out)
+
+
+def batched_meta_gradient(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    params: Params,
+    inner_data: Sequence[Any],
+    outer_data: Any,
+    *,
+    step_size: float,
+    method: str = "binom",
+    order: int | None = 1,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+    reduction: str = "mean",
+) -> Params:
+    """Meta-gradient of the mean (``reduction``) over tasks of L_out(phi_K^t, outer_data^t).
+
+    ``reduction="none"`` returns the per-task gradients J_t^T grad L_out(phi_K^t) with a
+    leading task dimension.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
+    _check_method(method, order, len(inner_data))
+    num_tasks = tree_leaves_first(outer_data).shape[0]
+    path = batched_adapt(inner_loss, params, inner_data, step_size=step_size, num_tasks=num_tasks)
+    g = vmap(grad(outer_loss))(path[-1], outer_data)
+    per_task = batched_meta_vjp(
+        inner_loss,
+        path,
+        inner_data,
+        g,
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+    )
+    if reduction == "none":
+        return per_task
+    total = _sum_dim(per_task, 0)
+    return total if reduction == "sum" else {k: x / num_tasks for k, x in total.items()}
+
+
+def meta_gradient(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    params: Params,
+    inner_data: Sequence[Any],
+    outer_data: Any,
+    *,
+    step_size: float,
+    method: str = "binom",
+    order: int | None = 1,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
+) -> Params:
+    """J^T grad L_out(phi_K): the meta-gradient of one task, estimated by ``method``."""
+    out = batched_meta_gradient(
+        inner_loss,
+        outer_loss,
+        params,
+        [_unsqueeze(d) for d in inner_data],
+        _unsqueeze(outer_data),
+        step_size=step_size,
+        method=method,
+        order=order,
+        chunk_size=chunk_size,
+        hvp_mode=hvp_mode,
+        reduction="sum",
+    )
+    return out

@@ -1,0 +1,317 @@
+"""Meta-gradient estimators against independent computations.
+
+- quadratic inner losses (constant, non-commuting Hessians): closed-form products and a
+  brute-force enumeration of the binomial expansion's index subsets;
+- a tanh MLP: plain autograd through the unrolled inner loop (create_graph=True).
+"""
+
+from itertools import combinations
+
+import pytest
+import torch
+from torch import nn
+
+from binom_rl.metagrad import (
+    adapt,
+    batched_adapt,
+    batched_meta_gradient,
+    batched_meta_jvp,
+    batched_meta_vjp,
+    functional_model,
+    meta_gradient,
+    meta_jvp,
+    meta_vjp,
+)
+
+ALPHA = 0.1
+SHAPES = {"w": (2, 3), "b": (3,)}  # several tensors, 9 numbers in all
+DIM = 9
+
+
+def _flat(p):
+    return torch.cat([p["w"].reshape(-1), p["b"].reshape(-1)])
+
+
+def _unflat(x):
+    return {"w": x[:6].reshape(2, 3), "b": x[6:]}
+
+
+def quad_loss(params, data):
+    """0.5 x^T A x + c^T x with x the flattened params: Hessian A, whatever the point."""
+    x = _flat(params)
+    return 0.5 * x @ data["A"] @ x + data["c"] @ x
+
+
+def _random_quadratic(k_steps, dtype, gen):
+    data = []
+    for _ in range(k_steps):
+        m = torch.randn(DIM, DIM, generator=gen, dtype=dtype)
+        data.append({"A": (m + m.T) / 2, "c": torch.randn(DIM, generator=gen, dtype=dtype)})
+    return data
+
+
+def _random_params(gen, dtype, lead=()):
+    return {k: torch.randn(*lead, *s, generator=gen, dtype=dtype) for k, s in SHAPES.items()}
+
+
+def _brute_force(hessians, v, order, transpose):
+    """sum over index subsets k_1 < ... < k_l (l <= order) of (-a)^l H_k1 ... H_kl v."""
+    total = v.clone()
+    K = len(hessians)
+    for level in range(1, order + 1):
+        for subset in combinations(range(K), level):
+            # J^T: leftmost factor has the smallest index; J: leftmost has the largest.
+            factors = subset if transpose else subset[::-1]
+            term = v.clone()
+            for k in reversed(factors):
+                term = hessians[k] @ term
+            total = total + (-ALPHA) ** level * term
+    return total
+
+
+def _product(hessians, v, steps, transpose):
+    """(I - a H_{s_0}) ... (I - a H_{s_n}) v for J^T (steps ascending), reversed for J."""
+    eye = torch.eye(DIM, dtype=v.dtype)
+    mat = eye.clone()
+    for k in steps:
+        factor = eye - ALPHA * hessians[k]
+        mat = mat @ factor if transpose else factor @ mat
+    return mat @ v
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_quadratic_closed_form(K, transpose):
+    gen = torch.Generator().manual_seed(K)
+    dtype = torch.float64
+    data = _random_quadratic(K, dtype, gen)
+    hessians = [d["A"] for d in data]
+    # Non-commuting factors, so the order of the product matters.
+    assert not torch.allclose(hessians[0] @ hessians[-1], hessians[-1] @ hessians[0]) or K == 1
+    params = _random_params(gen, dtype)
+    v = _random_params(gen, dtype)
+    path = adapt(quad_loss, params, data, step_size=ALPHA)
+    fn = meta_vjp if transpose else meta_jvp
+    kw = dict(step_size=ALPHA)
+
+    def run(method, order=None, **extra):
+        return _flat(fn(quad_loss, path, data, v, method=method, order=order, **kw, **extra))
+
+    vf = _flat(v)
+    torch.testing.assert_close(run("fomaml"), vf)
+    torch.testing.assert_close(run("maml"), _product(hessians, vf, range(K), transpose))
+    for L in range(0, K + 1):
+        torch.testing.assert_close(run("binom", L), _brute_force(hessians, vf, L, transpose))
+        torch.testing.assert_close(run("binom", L, chunk_size=1), run("binom", L))
+        last = range(K - L, K)
+        torch.testing.assert_close(run("trunc", L), _product(hessians, vf, last, transpose))
+    torch.testing.assert_close(run("binom", K), run("maml"))
+
+
+def test_binom_revrev_fallback_matches_fwdrev():
+    gen = torch.Generator().manual_seed(0)
+    data = _random_quadratic(4, torch.float64, gen)
+    params, v = _random_params(gen, torch.float64), _random_params(gen, torch.float64)
+    path = adapt(quad_loss, params, data, step_size=ALPHA)
+    a = meta_vjp(quad_loss, path, data, v, step_size=ALPHA, method="binom", order=2)
+    b = meta_vjp(
+        quad_loss, path, data, v, step_size=ALPHA, method="binom", order=2, hvp_mode="revrev"
+    )
+    torch.testing.assert_close(_flat(a), _flat(b))
+
+
+def test_adapt_path_is_gradient_descent():
+    gen = torch.Generator().manual_seed(1)
+    data = _random_quadratic(3, torch.float64, gen)
+    params = _random_params(gen, torch.float64)
+    path = adapt(quad_loss, params, data, step_size=ALPHA)
+    assert len(path) == 4
+    x = _flat(params)
+    for k, d in enumerate(data):
+        x = x - ALPHA * (d["A"] @ x + d["c"])
+        torch.testing.assert_close(_flat(path[k + 1]), x)
+    assert all(not t.requires_grad for p in path for t in p.values())
+
+
+# --------------------------------------------------------------------------- tanh MLP
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+def _mlp_problem(K, dtype, seed=0, n=10):
+    torch.manual_seed(seed)
+    module = _MLP().to(dtype)
+    params, forward = functional_model(module)
+
+    def loss(p, data):
+        return ((forward(p, data["x"]) - data["y"]) ** 2).mean()
+
+    def make(amp, phase):
+        x = torch.rand(n, 1, dtype=dtype) * 10 - 5
+        return {"x": x, "y": amp * torch.sin(x + phase)}
+
+    inner = [make(2.0, 0.5) for _ in range(K)]
+    outer = make(2.0, 0.5)
+    return params, loss, inner, outer
+
+
+def _unrolled_meta_gradient(loss, params, inner, outer, step_size):
+    """Plain autograd through the unrolled loop: what MAML codebases do."""
+    theta = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    phi = theta
+    for data in inner:
+        grads = torch.autograd.grad(loss(phi, data), list(phi.values()), create_graph=True)
+        phi = {k: p - step_size * g for (k, p), g in zip(phi.items(), grads, strict=True)}
+    out = torch.autograd.grad(loss(phi, outer), list(theta.values()))
+    return dict(zip(theta.keys(), out, strict=True))
+
+
+def _cat(d):
+    return torch.cat([x.reshape(-1) for x in d.values()])
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_mlp_exact_matches_unrolled_autograd(K):
+    params, loss, inner, outer = _mlp_problem(K, torch.float64)
+    ref = _cat(_unrolled_meta_gradient(loss, params, inner, outer, 0.05))
+    for method, order in [("maml", None), ("binom", K), ("trunc", K)]:
+        got = _cat(
+            meta_gradient(
+                loss, loss, params, inner, outer, step_size=0.05, method=method, order=order
+            )
+        )
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_mlp_binom_error_non_increasing_in_order():
+    K = 5
+    params, loss, inner, outer = _mlp_problem(K, torch.float64, seed=3)
+    ref = _cat(_unrolled_meta_gradient(loss, params, inner, outer, 0.05))
+    errors = []
+    for L in range(0, K + 1):
+        got = _cat(
+            meta_gradient(loss, loss, params, inner, outer, step_size=0.05, method="binom", order=L)
+        )
+        errors.append(((got - ref).norm() / ref.norm()).item())
+    assert errors[-1] < 1e-10
+    for a, b in zip(errors, errors[1:], strict=False):
+        assert b <= a * (1 + 1e-9), errors
+    assert errors[0] > errors[2] > errors[4] > 0  # the expansion strictly improves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "method,order", [("maml", None), ("fomaml", None), ("trunc", 2), ("binom", 1), ("binom", 2)]
+)
+def test_adjoint_identity(method, order, dtype):
+    """<u, J v> = <J^T u, v> for every estimator (J^T and J are estimated consistently)."""
+    K = 3
+    params, loss, inner, _ = _mlp_problem(K, dtype, seed=5)
+    path = adapt(loss, params, inner, step_size=0.05)
+    gen = torch.Generator().manual_seed(2)
+    u = {k: torch.randn(x.shape, generator=gen, dtype=dtype) for k, x in params.items()}
+    v = {k: torch.randn(x.shape, generator=gen, dtype=dtype) for k, x in params.items()}
+    kw = dict(step_size=0.05, method=method, order=order)
+    jv = meta_jvp(loss, path, inner, v, **kw)
+    jtu = meta_vjp(loss, path, inner, u, **kw)
+    lhs, rhs = _cat(u) @ _cat(jv), _cat(jtu) @ _cat(v)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert abs(lhs - rhs) <= tol * (abs(lhs) + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method,order", [("maml", None), ("trunc", 1), ("binom", 2)])
+def test_batched_equals_loop_over_tasks(method, order, dtype):
+    K, T = 3, 4
+    problems = [_mlp_problem(K, dtype, seed=0) for _ in range(1)]
+    params, loss, _, _ = problems[0]
+    tasks = [_mlp_problem(K, dtype, seed=10 + t)[2:] for t in range(T)]
+    inner = [
+        {key: torch.stack([tasks[t][0][k][key] for t in range(T)]) for key in ("x", "y")}
+        for k in range(K)
+    ]
+    outer = {key: torch.stack([tasks[t][1][key] for t in range(T)]) for key in ("x", "y")}
+    kw = dict(step_size=0.05, method=method, order=order)
+    per_task = batched_meta_gradient(loss, loss, params, inner, outer, reduction="none", **kw)
+    mean = batched_meta_gradient(loss, loss, params, inner, outer, **kw)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    loop = []
+    for t in range(T):
+        g = meta_gradient(loss, loss, params, tasks[t][0], tasks[t][1], **kw)
+        torch.testing.assert_close(_cat({k: x[t] for k, x in per_task.items()}), _cat(g), **tol)
+        loop.append(_cat(g))
+    torch.testing.assert_close(_cat(mean), torch.stack(loop).mean(0), **tol)
+
+    # jvp with a shared vector and vjp with per-task vectors, batched vs loop.
+    path = batched_adapt(loss, params, inner, step_size=0.05)
+    v = {k: torch.ones_like(x) for k, x in params.items()}
+    jv = batched_meta_jvp(loss, path, inner, v, **kw)
+    vt = {k: x.unsqueeze(0).expand(T, *x.shape) for k, x in v.items()}
+    jtv = batched_meta_vjp(loss, path, inner, vt, **kw)
+    for t in range(T):
+        path_t = adapt(loss, params, tasks[t][0], step_size=0.05)
+        ref_jv = meta_jvp(loss, path_t, tasks[t][0], v, **kw)
+        ref_jtv = meta_vjp(loss, path_t, tasks[t][0], v, **kw)
+        torch.testing.assert_close(_cat({k: x[t] for k, x in jv.items()}), _cat(ref_jv), **tol)
+        torch.testing.assert_close(_cat({k: x[t] for k, x in jtv.items()}), _cat(ref_jtv), **tol)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _small():
+    gen = torch.Generator().manual_seed(0)
+    data = _random_quadratic(3, torch.float64, gen)
+    params = _random_params(gen, torch.float64)
+    return data, params, adapt(quad_loss, params, data, step_size=ALPHA)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="sgd"), "unknown meta-gradient method"),
+        (dict(method="binom", order=None), "needs an order"),
+        (dict(method="trunc", order=-1), "order must be >= 0"),
+        (dict(method="binom", order=4), "already exact MAML"),
+        (dict(method="binom", order=1.5), "order must be an int"),
+        (dict(method="binom", order=1, chunk_size=0), "chunk_size"),
+        (dict(method="binom", order=1, hvp_mode="fast"), "hvp_mode"),
+    ],
+)
+def test_bad_method_and_order(kwargs, match):
+    data, params, path = _small()
+    with pytest.raises(ValueError, match=match):
+        meta_vjp(quad_loss, path, data, params, step_size=ALPHA, **kwargs)
+
+
+def test_bad_vector_and_data():
+    data, params, path = _small()
+    with pytest.raises(ValueError, match="missing"):
+        meta_vjp(quad_loss, path, data, {"w": params["w"]}, step_size=ALPHA, method="maml")
+    with pytest.raises(ValueError, match="shape"):
+        bad = {"w": params["w"], "b": torch.zeros(4, dtype=torch.float64)}
+        meta_jvp(quad_loss, path, data, bad, step_size=ALPHA, method="maml")
+    with pytest.raises(ValueError, match="empty"):
+        meta_vjp(quad_loss, path[:1], [], params, step_size=ALPHA, method="maml")
+    with pytest.raises(ValueError, match="empty"):
+        adapt(quad_loss, params, [], step_size=ALPHA)
+    with pytest.raises(ValueError, match="K \\+ 1"):
+        meta_vjp(quad_loss, path[:2], data, params, step_size=ALPHA, method="maml")
+    with pytest.raises(ValueError, match="already exact"):
+        meta_gradient(quad_loss, quad_loss, params, data, data[0], step_size=ALPHA, order=5)
+
+
+def test_functional_model_matches_module():
+    module = _MLP()
+    params, forward = functional_model(module)
+    x = torch.randn(5, 1)
+    torch.testing.assert_close(forward(params, x), module(x))
+    assert set(params) == {n for n, _ in module.named_parameters()}
