@@ -1,0 +1,378 @@
+"""MuJoCo locomotion task distributions of the MAML-RL benchmarks (gymnasium v5 models).
+
+Every env follows the MAML-RL task protocol:
+
+- ``env.unwrapped.sample_tasks(num_tasks) -> list[dict]`` draws tasks from the env's
+  own ``np_random`` (so ``reset(seed=...)`` makes the draw reproducible);
+- ``env.unwrapped.reset_task(task)`` switches the env to a task (ValueError naming the
+  missing / out-of-range key for a malformed dict);
+- ``env.unwrapped.make_batch_env(tasks)`` returns the fast batched simulator of
+  ``envs/mujoco_batch.py`` with one env per task.
+
+A default task is set at construction (or pass ``task=...``), so the envs also work
+un-tasked. Episodes are 200 steps (the registered ids add the TimeLimit).
+
+Rewards (``a`` the action, ``v_x = (x_after - x_before) / dt`` the forward velocity of
+the root over one env step, ``dt = frame_skip * timestep``):
+
+========================  ==============================================================
+HalfCheetahVel            ``-|v_x - v_goal| - 0.05 |a|^2``,  ``v_goal ~ U[0, 2]``
+HalfCheetahDir            ``d * v_x - 0.05 |a|^2``,  ``d ~ U{-1, +1}``
+AntVel                    ``-|v_x - v_goal| + 1 - 0.005 |a|^2 + 0.05 * healthy``,
+                          ``v_goal ~ U[0, 3]``
+AntDir                    ``d * v_x - 0.005 |a|^2 + 0.05 * healthy``,  ``d ~ U{-1, +1}``
+AntGoal                   ``-||xy - g||_1 + 4 - 0.005 |a|^2 + 0.05 * healthy``,
+                          ``g ~ U[-3, 3]^2``
+========================  ==============================================================
+
+The Ant formulas follow the MAML-RL / ProMP practice (forward or goal term, control
+cost 0.5 * 1e-2 |a|^2, survive reward 0.05, the +1 and +4 offsets), with two documented
+departures forced by the fast path (``mujoco.rollout`` returns states, not the
+contact forces ``cfrc_ext``, which need ``mj_rnePostConstraint`` on a per-env MjData):
+
+1. **No contact cost** (``contact_cost_weight = 0``) and **no contact forces in the
+   observation** (``include_cfrc_ext_in_observation = False``): the Ant observation is
+   ``[qpos[2:], qvel]`` (27 numbers). With MuJoCo >= 2.0 the old mujoco-py envs of the
+   MAML-RL papers read ``cfrc_ext`` without ``mj_rnePostConstraint``, i.e. as zeros, so
+   their contact cost and contact observations were zero too.
+2. ``v_x`` and ``xy`` come from the torso's free-joint ``qpos`` after the step (the
+   true displacement over ``dt``), not from ``xpos`` of the torso, which MuJoCo
+   computes before the last substep's integration.
+
+Termination is Ant-v5's: ``healthy = all(isfinite(qpos, qvel)) and 0.2 <= z <= 1.0``,
+``terminated = not healthy``; the survive reward is paid only while healthy.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+from gymnasium import utils
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+from binom_rl.envs.mujoco_batch import RolloutBatchMixin
+
+__all__ = [
+    "AntDirEnv",
+    "AntGoalEnv",
+    "AntVelEnv",
+    "HalfCheetahDirEnv",
+    "HalfCheetahVelEnv",
+    "MetaTaskMixin",
+]
+
+
+class MetaTaskMixin(RolloutBatchMixin):
+    """The MAML-RL task protocol on top of the batch hooks of :class:`RolloutBatchMixin`.
+
+    Subclasses implement ``_sample_tasks(num_tasks)``, ``_validate_task(task)`` and
+    ``_stack_tasks(tasks)``, and may override ``_apply_task(task)`` (default: nothing,
+    the reward reads ``self._task_arrays``).
+    """
+
+    np_random: np.random.Generator
+    _task: dict[str, Any]
+    _task_arrays: dict[str, np.ndarray]
+
+    def sample_tasks(self, num_tasks: int) -> list[dict[str, Any]]:
+        """``num_tasks`` task dicts drawn i.i.d. from the task distribution (self.np_random)."""
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
+            raise ValueError(f"num_tasks must be an integer, got {num_tasks!r}")
+        if num_tasks <= 0:
+            raise ValueError(f"num_tasks must be positive, got {num_tasks}")
+        return self._sample_tasks(int(num_tasks))
+
+    def reset_task(self, task: dict[str, Any]) -> None:
+        """Switch to ``task`` (takes effect immediately, including mid-episode)."""
+        self._task = self._validate_task(task)
+        self._task_arrays = self._stack_tasks([self._task])
+        self._apply_task(self._task)
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The current task dict (a validated copy)."""
+        return dict(self._task)
+
+    def _apply_task(self, task: dict[str, Any]) -> None:
+        """Change the simulation for ``task``; reward-only tasks need nothing."""
+
+    def _sample_tasks(self, num_tasks: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _validate_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _stack_tasks(self, tasks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- task dicts
+
+
+def _check_keys(task: Any, required: tuple[str, ...]) -> None:
+    """ValueError unless ``task`` is a dict with exactly the ``required`` keys."""
+    if not isinstance(task, dict):
+        raise ValueError(f"task must be a dict with keys {required}, got {type(task).__name__}")
+    for key in required:
+        if key not in task:
+            raise ValueError(f"task is missing key {key!r} (expected keys {required})")
+    extra = sorted(set(task) - set(required))
+    if extra:
+        raise ValueError(f"task has unexpected key(s) {extra} (expected keys {required})")
+
+
+def _finite_float(task: dict, key: str) -> float:
+    value = task[key]
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray)):
+        raise ValueError(f"task[{key!r}] must be a real number, got {value!r}")
+    value = np.asarray(value, dtype=np.float64)
+    if value.shape not in ((), (1,)) or not np.isfinite(value).all():
+        raise ValueError(f"task[{key!r}] must be a finite scalar, got {task[key]!r}")
+    return float(value.reshape(()))
+
+
+class _VelocityTask:
+    """Task ``{"velocity": v_goal}``, ``v_goal ~ U[VELOCITY_RANGE]``."""
+
+    VELOCITY_RANGE: tuple[float, float] = (0.0, 2.0)
+    DEFAULT_TASK: dict[str, Any] = {"velocity": 1.0}
+    np_random: np.random.Generator
+
+    def _sample_tasks(self, num_tasks: int) -> list[dict[str, Any]]:
+        low, high = self.VELOCITY_RANGE
+        velocities = self.np_random.uniform(low, high, size=num_tasks)
+        return [{"velocity": float(v)} for v in velocities]
+
+    def _validate_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        _check_keys(task, ("velocity",))
+        return {"velocity": _finite_float(task, "velocity")}
+
+    def _stack_tasks(self, tasks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {"velocity": np.array([t["velocity"] for t in tasks], dtype=np.float64)}
+
+
+class _DirectionTask:
+    """Task ``{"direction": d}``, ``d`` = +1 (forward) or -1 (backward) with probability 1/2."""
+
+    DEFAULT_TASK: dict[str, Any] = {"direction": 1.0}
+    np_random: np.random.Generator
+
+    def _sample_tasks(self, num_tasks: int) -> list[dict[str, Any]]:
+        directions = 2 * self.np_random.integers(0, 2, size=num_tasks) - 1
+        return [{"direction": float(d)} for d in directions]
+
+    def _validate_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        _check_keys(task, ("direction",))
+        direction = _finite_float(task, "direction")
+        if direction not in (-1.0, 1.0):
+            raise ValueError(f"task['direction'] must be -1 or +1, got {task['direction']!r}")
+        return {"direction": direction}
+
+    def _stack_tasks(self, tasks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {"direction": np.array([t["direction"] for t in tasks], dtype=np.float64)}
+
+
+class _GoalTask:
+    """Task ``{"goal": g}``, ``g ~ U[-GOAL_RANGE, GOAL_RANGE]^2`` (x, y position)."""
+
+    GOAL_RANGE: float = 3.0
+    DEFAULT_TASK: dict[str, Any] = {"goal": np.zeros(2)}
+    np_random: np.random.Generator
+
+    def _sample_tasks(self, num_tasks: int) -> list[dict[str, Any]]:
+        goals = self.np_random.uniform(-self.GOAL_RANGE, self.GOAL_RANGE, size=(num_tasks, 2))
+        return [{"goal": g} for g in goals]
+
+    def _validate_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        _check_keys(task, ("goal",))
+        try:
+            goal = np.array(task["goal"], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"task['goal'] must be an (x, y) pair, got {task['goal']!r}") from err
+        if goal.shape != (2,) or not np.isfinite(goal).all():
+            raise ValueError(f"task['goal'] must be a finite (x, y) pair, got {task['goal']!r}")
+        return {"goal": goal}
+
+    def _stack_tasks(self, tasks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {"goal": np.stack([t["goal"] for t in tasks]).astype(np.float64)}
+
+
+# ------------------------------------------------------------------------ reward-task envs
+
+
+class _RewardTaskEnv(MetaTaskMixin):
+    """Shared ``step`` of envs whose tasks change only the reward.
+
+    The gymnasium step evaluates the same vectorised formulas as the batch path with
+    N = 1, so both paths cannot drift apart.
+    """
+
+    data: Any
+    dt: float
+    render_mode: str | None
+    _exclude_current_positions_from_observation: bool
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        action = np.asarray(action, dtype=np.float64)
+        qpos_before = self.data.qpos.copy()
+        self.do_simulation(action, self.frame_skip)  # type: ignore[attr-defined]
+        observation = self._get_obs()
+        reward, terminated, info = self._batch_reward(
+            qpos_before[None], self.data.qpos[None], self.data.qvel[None], action[None],
+            self._task_arrays,
+        )
+        info = {key: float(value[0]) for key, value in info.items()}
+        if self.render_mode == "human":
+            self.render()  # type: ignore[attr-defined]
+        return observation, float(reward[0]), bool(terminated[0]), False, info
+
+    def _get_obs(self) -> np.ndarray:
+        return self._batch_observation(self.data.qpos[None], self.data.qvel[None])[0]
+
+    def _batch_observation(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        """``[qpos[skip:], qvel]`` where ``skip`` drops the root's planar position."""
+        skip = self._skipped_qpos if self._exclude_current_positions_from_observation else 0
+        return np.concatenate([qpos[:, skip:], qvel], axis=1)
+
+    _skipped_qpos = 1
+
+    def _batch_reward(
+        self,
+        qpos_before: np.ndarray,
+        qpos_after: np.ndarray,
+        qvel_after: np.ndarray,
+        action: np.ndarray,
+        task: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+
+class _HalfCheetahTaskEnv(_RewardTaskEnv, HalfCheetahEnv):
+    """HalfCheetah-v5 with a task reward; ``ctrl_cost_weight`` defaults to 0.05."""
+
+    def __init__(self, task: dict[str, Any] | None = None, **kwargs: Any):
+        kwargs.setdefault("ctrl_cost_weight", 0.05)
+        HalfCheetahEnv.__init__(self, **kwargs)
+        # Record our own constructor args (the base class recorded its own).
+        utils.EzPickle.__init__(self, task, **kwargs)
+        self.reset_task(self.DEFAULT_TASK if task is None else task)  # type: ignore[attr-defined]
+
+    def _batch_reward(self, qpos_before, qpos_after, qvel_after, action, task):
+        x_velocity = (qpos_after[:, 0] - qpos_before[:, 0]) / self.dt
+        ctrl_cost = self._ctrl_cost_weight * np.sum(np.square(action), axis=1)
+        forward = self._task_reward(x_velocity, task)
+        info = {"x_velocity": x_velocity, "reward_forward": forward, "reward_ctrl": -ctrl_cost}
+        return forward - ctrl_cost, np.zeros(len(x_velocity), dtype=bool), info
+
+
+class HalfCheetahVelEnv(_VelocityTask, _HalfCheetahTaskEnv):
+    """HalfCheetah running at a goal velocity: ``r = -|v_x - v_goal| - 0.05 |a|^2``.
+
+    Tasks ``{"velocity": v_goal}``, ``v_goal ~ U[0, 2]``; default task v_goal = 1.
+    """
+
+    def _task_reward(self, x_velocity: np.ndarray, task: dict[str, np.ndarray]) -> np.ndarray:
+        return -np.abs(x_velocity - task["velocity"])
+
+
+class HalfCheetahDirEnv(_DirectionTask, _HalfCheetahTaskEnv):
+    """HalfCheetah running forward or backward: ``r = d * v_x - 0.05 |a|^2``.
+
+    Tasks ``{"direction": d}``, ``d`` in {-1, +1}; default task d = +1.
+    """
+
+    def _task_reward(self, x_velocity: np.ndarray, task: dict[str, np.ndarray]) -> np.ndarray:
+        return task["direction"] * x_velocity
+
+
+class _AntTaskEnv(_RewardTaskEnv, AntEnv):
+    """Ant-v5 with a task reward (see the module docstring for the formula).
+
+    Defaults: ``ctrl_cost_weight = 0.005``, ``healthy_reward = 0.05``; contact cost and
+    contact-force observations are off and cannot be turned on (the fast path has no
+    contact forces).
+    """
+
+    _skipped_qpos = 2  # x, y of the torso
+    TASK_OFFSET = 0.0
+
+    def __init__(self, task: dict[str, Any] | None = None, **kwargs: Any):
+        if kwargs.get("include_cfrc_ext_in_observation", False):
+            raise ValueError(
+                "include_cfrc_ext_in_observation=True is not supported: the batched "
+                "rollout path has no contact forces"
+            )
+        if kwargs.get("contact_cost_weight", 0.0) != 0.0:
+            raise ValueError(
+                "contact_cost_weight must be 0: the batched rollout path has no contact forces"
+            )
+        ezpickle_kwargs = dict(kwargs)
+        kwargs.update(include_cfrc_ext_in_observation=False, contact_cost_weight=0.0)
+        kwargs.setdefault("ctrl_cost_weight", 0.005)
+        kwargs.setdefault("healthy_reward", 0.05)
+        AntEnv.__init__(self, **kwargs)
+        utils.EzPickle.__init__(self, task, **ezpickle_kwargs)
+        self.reset_task(self.DEFAULT_TASK if task is None else task)  # type: ignore[attr-defined]
+
+    def _batch_healthy(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        """Ant-v5: all of qpos, qvel finite and torso height z in the closed healthy range."""
+        min_z, max_z = self._healthy_z_range
+        finite = np.isfinite(qpos).all(axis=1) & np.isfinite(qvel).all(axis=1)
+        return finite & (min_z <= qpos[:, 2]) & (qpos[:, 2] <= max_z)
+
+    def _batch_reward(self, qpos_before, qpos_after, qvel_after, action, task):
+        healthy = self._batch_healthy(qpos_after, qvel_after)
+        task_reward, info = self._task_reward(qpos_before, qpos_after, task)
+        ctrl_cost = self._ctrl_cost_weight * np.sum(np.square(action), axis=1)
+        survive = self._healthy_reward * healthy
+        reward = task_reward + self.TASK_OFFSET - ctrl_cost + survive
+        terminated = ~healthy & bool(self._terminate_when_unhealthy)
+        info.update(reward_ctrl=-ctrl_cost, reward_survive=survive)
+        return reward, terminated, info
+
+
+class AntVelEnv(_VelocityTask, _AntTaskEnv):
+    """Ant running at a goal velocity along x.
+
+    ``r = -|v_x - v_goal| + 1 - 0.005 |a|^2 + 0.05 * healthy``; tasks
+    ``{"velocity": v_goal}``, ``v_goal ~ U[0, 3]``; default task v_goal = 1.5.
+    """
+
+    VELOCITY_RANGE = (0.0, 3.0)
+    DEFAULT_TASK = {"velocity": 1.5}
+    TASK_OFFSET = 1.0
+
+    def _task_reward(self, qpos_before, qpos_after, task):
+        x_velocity = (qpos_after[:, 0] - qpos_before[:, 0]) / self.dt
+        forward = -np.abs(x_velocity - task["velocity"])
+        return forward, {"x_velocity": x_velocity, "reward_forward": forward}
+
+
+class AntDirEnv(_DirectionTask, _AntTaskEnv):
+    """Ant running forward or backward along x.
+
+    ``r = d * v_x - 0.005 |a|^2 + 0.05 * healthy``; tasks ``{"direction": d}``,
+    ``d`` in {-1, +1}; default task d = +1.
+    """
+
+    def _task_reward(self, qpos_before, qpos_after, task):
+        x_velocity = (qpos_after[:, 0] - qpos_before[:, 0]) / self.dt
+        forward = task["direction"] * x_velocity
+        return forward, {"x_velocity": x_velocity, "reward_forward": forward}
+
+
+class AntGoalEnv(_GoalTask, _AntTaskEnv):
+    """Ant walking to a goal position in the plane.
+
+    ``r = -||xy - g||_1 + 4 - 0.005 |a|^2 + 0.05 * healthy`` with ``xy`` the torso
+    position after the step; tasks ``{"goal": g}``, ``g ~ U[-3, 3]^2``; default g = 0.
+    """
+
+    TASK_OFFSET = 4.0
+
+    def _task_reward(self, qpos_before, qpos_after, task):
+        distance = np.sum(np.abs(qpos_after[:, :2] - task["goal"]), axis=1)
+        return -distance, {"goal_distance": distance, "reward_goal": -distance}
