@@ -221,7 +221,10 @@ class _RewardTaskEnv(MetaTaskMixin):
         self.do_simulation(action, self.frame_skip)  # type: ignore[attr-defined]
         observation = self._get_obs()
         reward, terminated, info = self._batch_reward(
-            qpos_before[None], self.data.qpos[None], self.data.qvel[None], action[None],
+            qpos_before[None],
+            self.data.qpos[None],
+            self.data.qvel[None],
+            action[None],
             self._task_arrays,
         )
         info = {key: float(value[0]) for key, value in info.items()}

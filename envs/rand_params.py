@@ -56,8 +56,7 @@ class RandParamsMixin(MetaTaskMixin):
     def _init_rand_params(self, task: dict[str, Any] | None) -> None:
         # The unscaled parameters: the centre of the distribution and the default task.
         self._init_params = {
-            name: np.array(getattr(self.model, name), dtype=np.float64)
-            for name in RAND_PARAM_BASES
+            name: np.array(getattr(self.model, name), dtype=np.float64) for name in RAND_PARAM_BASES
         }
         self.reset_task(self._init_params if task is None else task)
 

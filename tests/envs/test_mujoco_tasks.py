@@ -1,0 +1,217 @@
+"""Task protocol, env checkers and task-dependent rewards of the MuJoCo task envs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from gymnasium.wrappers import TimeLimit
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+from binom_rl.envs.mujoco_tasks import (
+    AntDirEnv,
+    AntGoalEnv,
+    AntVelEnv,
+    HalfCheetahDirEnv,
+    HalfCheetahVelEnv,
+)
+from binom_rl.envs.rand_params import HopperRandParamsEnv, Walker2dRandParamsEnv
+
+ALL_ENVS = [
+    HalfCheetahVelEnv,
+    HalfCheetahDirEnv,
+    AntVelEnv,
+    AntDirEnv,
+    AntGoalEnv,
+    HopperRandParamsEnv,
+    Walker2dRandParamsEnv,
+]
+IDS = [cls.__name__ for cls in ALL_ENVS]
+
+
+def _same_task(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls", ALL_ENVS, ids=IDS)
+def test_checkers_pass(cls):
+    env = cls()
+    env.reset_task(env.sample_tasks(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gymnasium warns about float64 obs spaces etc.
+        gym_check_env(TimeLimit(env, max_episode_steps=200), skip_render_check=True)
+        sb3_check_env(TimeLimit(cls(), max_episode_steps=200), warn=False)
+
+
+@pytest.mark.parametrize("cls", ALL_ENVS, ids=IDS)
+def test_sample_tasks_reproducible_and_valid(cls):
+    env = cls()
+    env.reset(seed=123)
+    first = env.sample_tasks(20)
+    env.reset(seed=123)
+    again = env.sample_tasks(20)
+    assert len(first) == 20
+    assert all(_same_task(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(_same_task(first[0], task) for task in first[1:])
+    for task in first:
+        env.reset_task(task)
+        assert _same_task(env.task, task)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="num_tasks"):
+            env.sample_tasks(bad)
+
+
+def test_task_distributions():
+    env = HalfCheetahVelEnv()
+    env.reset(seed=0)
+    velocities = np.array([t["velocity"] for t in env.sample_tasks(500)])
+    assert velocities.min() >= 0.0 and velocities.max() <= 2.0 and velocities.std() > 0.4
+    env = AntVelEnv()
+    env.reset(seed=0)
+    velocities = np.array([t["velocity"] for t in env.sample_tasks(500)])
+    assert velocities.min() >= 0.0 and velocities.max() <= 3.0 and velocities.max() > 2.0
+    for cls in (HalfCheetahDirEnv, AntDirEnv):
+        env = cls()
+        env.reset(seed=0)
+        directions = {t["direction"] for t in env.sample_tasks(100)}
+        assert directions == {-1.0, 1.0}
+    env = AntGoalEnv()
+    env.reset(seed=0)
+    goals = np.stack([t["goal"] for t in env.sample_tasks(500)])
+    assert goals.shape == (500, 2) and np.abs(goals).max() <= 3.0 and np.abs(goals).max() > 2.5
+
+
+def test_rand_params_scales():
+    env = HopperRandParamsEnv()
+    env.reset(seed=0)
+    init = {k: np.array(v) for k, v in env.task.items()}
+    bases = {"body_mass": 1.5, "body_inertia": 1.5, "dof_damping": 1.3, "geom_friction": 1.5}
+    for task in env.sample_tasks(20):
+        for name, base in bases.items():
+            nonzero = init[name] > 0
+            ratio = task[name][nonzero] / init[name][nonzero]
+            assert np.all(ratio >= base**-3 - 1e-12) and np.all(ratio <= base**3 + 1e-12)
+            assert np.all(task[name][~nonzero] == 0)
+    task = env.sample_tasks(1)[0]
+    env.reset_task(task)
+    np.testing.assert_array_equal(env.model.body_mass, task["body_mass"])
+    np.testing.assert_array_equal(env.model.geom_friction, task["geom_friction"])
+
+
+@pytest.mark.parametrize(
+    ("cls", "task", "match"),
+    [
+        (HalfCheetahVelEnv, {}, "velocity"),
+        (HalfCheetahVelEnv, {"velocity": float("nan")}, "velocity"),
+        (HalfCheetahVelEnv, {"velocity": "fast"}, "velocity"),
+        (HalfCheetahVelEnv, {"direction": 1.0}, "velocity"),
+        (HalfCheetahDirEnv, {"direction": 0.5}, "direction"),
+        (AntDirEnv, {"direction": 2}, "direction"),
+        (AntVelEnv, {"velocity": 1.0, "goal": [0, 0]}, "goal"),
+        (AntGoalEnv, {"goal": [1.0]}, "goal"),
+        (AntGoalEnv, {"goal": [1.0, np.inf]}, "goal"),
+        (HopperRandParamsEnv, {"body_mass": np.ones(5)}, "body_mass"),
+        (Walker2dRandParamsEnv, None, "dict"),
+    ],
+)
+def test_malformed_task_raises(cls, task, match):
+    env = cls()
+    with pytest.raises(ValueError, match=match):
+        env.reset_task(task)
+
+
+def test_rand_params_missing_and_negative_keys():
+    env = Walker2dRandParamsEnv()
+    task = env.task
+    del task["dof_damping"]
+    with pytest.raises(ValueError, match="dof_damping"):
+        env.reset_task(task)
+    task = env.task
+    task["geom_friction"] = -task["geom_friction"]
+    with pytest.raises(ValueError, match="geom_friction"):
+        env.reset_task(task)
+
+
+def test_ant_rejects_contact_forces():
+    with pytest.raises(ValueError, match="include_cfrc_ext_in_observation"):
+        AntVelEnv(include_cfrc_ext_in_observation=True)
+    with pytest.raises(ValueError, match="contact_cost_weight"):
+        AntDirEnv(contact_cost_weight=5e-4)
+    assert AntGoalEnv().observation_space.shape == (27,)
+
+
+def _reward_after(env, task, seed: int, action: np.ndarray) -> tuple[float, dict]:
+    env.reset_task(task)
+    env.reset(seed=seed)
+    _, reward, _, _, info = env.step(action)
+    return reward, info
+
+
+@pytest.mark.parametrize(
+    ("cls", "tasks"),
+    [
+        (HalfCheetahVelEnv, [{"velocity": 0.0}, {"velocity": 2.0}]),
+        (HalfCheetahDirEnv, [{"direction": 1.0}, {"direction": -1.0}]),
+        (AntVelEnv, [{"velocity": 0.0}, {"velocity": 3.0}]),
+        (AntDirEnv, [{"direction": 1.0}, {"direction": -1.0}]),
+        (AntGoalEnv, [{"goal": [3.0, 3.0]}, {"goal": [-3.0, 0.0]}]),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_reward_depends_on_task(cls, tasks):
+    """Same seed (so same state) and same action, different task -> different reward."""
+    env = cls()
+    action = np.full(env.action_space.shape, 0.3)
+    rewards = [_reward_after(env, task, seed=7, action=action)[0] for task in tasks]
+    assert abs(rewards[0] - rewards[1]) > 1e-3
+
+
+def test_reward_formulas():
+    """The documented formulas, recomputed from the step's info."""
+    action = np.full(6, 0.5)
+    env = HalfCheetahVelEnv()
+    reward, info = _reward_after(env, {"velocity": 1.5}, seed=3, action=action)
+    expected = -abs(info["x_velocity"] - 1.5) - 0.05 * np.sum(action**2)
+    assert reward == pytest.approx(expected)
+    env = HalfCheetahDirEnv()
+    reward, info = _reward_after(env, {"direction": -1.0}, seed=3, action=action)
+    assert reward == pytest.approx(-info["x_velocity"] - 0.05 * np.sum(action**2))
+
+    action = np.full(8, 0.5)
+    env = AntVelEnv()
+    reward, info = _reward_after(env, {"velocity": 2.0}, seed=3, action=action)
+    expected = -abs(info["x_velocity"] - 2.0) + 1.0 - 0.005 * np.sum(action**2) + 0.05
+    assert reward == pytest.approx(expected)
+    env = AntGoalEnv()
+    reward, _ = _reward_after(env, {"goal": [1.0, -2.0]}, seed=3, action=action)
+    distance = np.abs(env.data.qpos[:2] - [1.0, -2.0]).sum()
+    assert reward == pytest.approx(-distance + 4.0 - 0.005 * np.sum(action**2) + 0.05)
+
+
+def test_rand_params_change_dynamics():
+    """Different parameters, same seed and actions -> different trajectories."""
+    env = HopperRandParamsEnv()
+    env.reset(seed=0)
+    light, heavy = env.task, env.task
+    light["body_mass"] = light["body_mass"] * 0.5
+    heavy["body_mass"] = heavy["body_mass"] * 2.0
+    finals = []
+    for task in (light, heavy):
+        env.reset_task(task)
+        env.reset(seed=1)
+        for _ in range(10):
+            obs, *_ = env.step(np.full(3, 0.5))
+        finals.append(obs)
+    assert np.abs(finals[0] - finals[1]).max() > 1e-2
+
+
+def test_ant_terminates_when_unhealthy():
+    env = AntDirEnv()
+    env.reset(seed=0)
+    qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
+    qpos[2] = 1.5  # torso above the healthy range (falls only ~1 cm in one step)
+    env.set_state(qpos, qvel)
+    _, reward, terminated, _, info = env.step(np.zeros(8))
+    assert terminated and info["reward_survive"] == 0.0
