@@ -190,3 +190,37 @@ def test_make_policy():
     assert isinstance(pol, CategoricalMLPPolicy) and pol.num_actions == N_ACT
     with pytest.raises(ValueError):
         make_policy(obs_space, gym.spaces.MultiBinary(3), (16,), "tanh")
+
+
+@pytest.mark.parametrize("which", ["gauss", "cat"])
+def test_fisher_vector_product_under_vmap(which, gauss, cat):
+    # TRPO needs F v = d/de grad_new KL(pi_old || pi_new) per task, batched over tasks.
+    pol = gauss if which == "gauss" else cat
+    n_tasks = 2
+    per_task = [_perturbed(pol.init_params(0), s) for s in range(n_tasks)]
+    stacked = _stack(per_task)
+    obs = torch.randn(n_tasks, 6, OBS_DIM)
+    v = {k: torch.randn_like(x) for k, x in stacked.items()}
+
+    def fvp(params, o, vec):
+        def mean_kl(new):
+            return pol.kl(params, new, o).mean()
+
+        return torch.func.jvp(torch.func.grad(mean_kl), (params,), (vec,))[1]
+
+    out = torch.func.vmap(fvp)(stacked, obs, v)
+    for t in range(n_tasks):
+        p_t = per_task[t]
+        flat = torch.cat([x.reshape(-1) for x in p_t.values()])
+
+        def kl_flat(f, p_t=p_t, t=t):
+            new, i = {}, 0
+            for k, x in p_t.items():
+                new[k] = f[i : i + x.numel()].reshape(x.shape)
+                i += x.numel()
+            return pol.kl(p_t, new, obs[t]).mean()
+
+        hess = torch.autograd.functional.hessian(kl_flat, flat)
+        v_t = torch.cat([v[k][t].reshape(-1) for k in p_t])
+        got = torch.cat([out[k][t].reshape(-1) for k in p_t])
+        assert torch.allclose(got, hess @ v_t, atol=1e-5)

@@ -168,3 +168,17 @@ def test_line_search_rejects_all_and_nonfinite():
 
     frac, tries = line_search(evaluate, max_steps=5, backtrack_ratio=0.5, max_kl=1.0)
     assert frac == 0.25 and tries == 3
+
+
+def test_conjugate_gradient_under_vmap():
+    # No data-dependent Python control flow: CG can be vmapped over independent systems.
+    rng = np.random.default_rng(7)
+    mats, rhs = [], []
+    for _ in range(3):
+        m = rng.standard_normal((4, 4))
+        mats.append(m @ m.T + 4 * np.eye(4))
+        rhs.append(rng.standard_normal(4))
+    a, b = torch.tensor(np.stack(mats)), torch.tensor(np.stack(rhs))
+    x = torch.func.vmap(lambda ai, bi: conjugate_gradient(lambda v: ai @ v, bi, iters=8))(a, b)
+    ref = np.stack([np.linalg.solve(m, r) for m, r in zip(mats, rhs, strict=True)])
+    np.testing.assert_allclose(x.numpy(), ref, rtol=1e-6, atol=1e-8)
