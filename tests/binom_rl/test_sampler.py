@@ -1,0 +1,226 @@
+"""MultiTaskSampler: shapes, masks, hand-computed rewards, determinism across workers, failures."""
+
+import os
+import signal
+import textwrap
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seed
+
+NAV = "binom_rl/2DNavigation-v0"
+
+# A user's pure-Python env, written as a module workers can import ('module:EnvId' id).
+# Episode length = task["end"] (terminates), reward r_t = end + a_t, obs = (t, end, noise)
+# with noise ~ N(0, 1) drawn at reset from np_random; stepping after the end raises.
+USER_MODULE = "binom_rl_test_user_envs"
+USER_ENV_SOURCE = textwrap.dedent('''
+    import gymnasium as gym
+    import numpy as np
+
+
+    class EarlyStopEnv(gym.Env):
+        def __init__(self):
+            self.observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+            self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+            self.end, self.t, self.noise = 3, 0, 0.0
+
+        def sample_tasks(self, num_tasks):
+            return [{"end": int(e)} for e in self.np_random.integers(1, 12, size=num_tasks)]
+
+        def reset_task(self, task):
+            if "end" not in task:
+                raise ValueError("task needs an 'end' key")
+            self.end = task["end"]
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t, self.noise = 0, self.np_random.normal()
+            return self._obs(), {}
+
+        def _obs(self):
+            return np.array([self.t, self.end, self.noise], dtype=np.float32)
+
+        def step(self, action):
+            if self.t >= self.end:
+                raise RuntimeError("stepped after termination")
+            self.t += 1
+            return self._obs(), float(self.end + action[0]), self.t >= self.end, False, {}
+
+
+    gym.register("EarlyStop-v0", entry_point=EarlyStopEnv, max_episode_steps=10)
+''')
+
+
+@pytest.fixture
+def user_env_id(tmp_path, monkeypatch):
+    (tmp_path / f"{USER_MODULE}.py").write_text(USER_ENV_SOURCE)
+    # workers get the parent's sys.path; once imported, the module stays cached (and its
+    # class stays the registered one) for the later tests
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{USER_MODULE}:EarlyStop-v0"
+
+
+def gaussian_act(obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return 0.08 * torch.randn(*obs.shape[:2], 2, generator=generator, device=obs.device)
+
+
+def uniform_act_1d(obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(*obs.shape[:2], 1, generator=generator, device=obs.device) * 2 - 1
+
+
+def assert_episodes_equal(a: Episodes, b: Episodes) -> None:
+    for name in vars(a):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_navigation_shapes_and_rewards_by_hand():
+    with MultiTaskSampler(NAV) as sampler:
+        assert sampler.horizon == 100
+        tasks = sampler.sample_tasks(3, seed=0)
+        ep = sampler.sample(tasks, gaussian_act, batch_size=4, seed=1)
+    H, T, B = 100, 3, 4
+    assert ep.observations.shape == (H, T, B, 2) and ep.observations.dtype == torch.float32
+    assert ep.actions.shape == (H, T, B, 2) and ep.actions.dtype == torch.float32
+    for x in (ep.rewards, ep.mask):
+        assert x.shape == (H, T, B) and x.dtype == torch.float32
+    assert ep.returns.shape == (T, B) and ep.lengths.shape == (T, B)
+    assert ep.lengths.dtype == torch.int64 and torch.all(ep.lengths == H)
+    assert torch.all(ep.mask == 1)
+
+    # s_0 = 0, s_{h+1} = s_h + clip(a_h), r_h = -||s_{h+1} - goal||
+    actions = ep.actions.double().numpy()
+    positions = np.cumsum(np.clip(actions, -0.1, 0.1), axis=0)
+    goals = np.stack([t["goal"] for t in tasks])[None, :, None, :]
+    np.testing.assert_allclose(ep.rewards.numpy(), -np.linalg.norm(positions - goals, axis=-1),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ep.observations[1:].numpy(), positions[:-1], atol=1e-6)
+    assert torch.all(ep.observations[0] == 0)
+    torch.testing.assert_close(ep.returns, ep.rewards.sum(0))
+
+
+def test_same_seed_same_episodes_and_seeds_matter():
+    with MultiTaskSampler(NAV, max_episode_steps=20) as sampler:
+        assert sampler.horizon == 20
+        tasks = sampler.sample_tasks(2, seed=5)
+        again = sampler.sample_tasks(2, seed=5)
+        assert all(np.array_equal(a["goal"], b["goal"]) for a, b in zip(tasks, again, strict=True))
+        a = sampler.sample(tasks, gaussian_act, 3, seed=10)
+        b = sampler.sample(tasks, gaussian_act, 3, seed=10)
+        c = sampler.sample(tasks, gaussian_act, 3, seed=11)
+    assert_episodes_equal(a, b)
+    assert not torch.equal(a.actions, c.actions)
+    assert a.to("cpu").observations.device.type == "cpu"
+    assert episode_seed(10, 0, 1) != episode_seed(10, 1, 0)
+
+
+@pytest.mark.parametrize("env_id, num_states", [("binom_rl/Bandit-v0", 1),
+                                                ("binom_rl/TabularMDP-v0", 10)])
+def test_discrete_shapes(env_id, num_states):
+    def act(obs, generator):
+        return torch.randint(5, obs.shape[:2], generator=generator)
+
+    with MultiTaskSampler(env_id) as sampler:
+        ep = sampler.sample(sampler.sample_tasks(3, seed=0), act, batch_size=2, seed=0)
+    assert ep.observations.shape == (10, 3, 2, num_states)
+    assert ep.actions.shape == (10, 3, 2) and ep.actions.dtype == torch.int64
+    assert ep.rewards.shape == (10, 3, 2) and torch.all(ep.lengths == 10)
+    if num_states > 1:  # one-hot states
+        assert torch.all(ep.observations.sum(-1) == 1)
+    else:  # Bernoulli rewards
+        assert set(ep.rewards.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(ep.returns, ep.rewards.sum(0))
+
+
+def test_early_termination_is_masked(user_env_id):
+    with MultiTaskSampler(user_env_id) as sampler:  # a user's env, in-process
+        tasks = sampler.sample_tasks(4, seed=2) + [{"end": 10}, {"end": 14}]
+        ep = sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=4)
+    H = 10
+    ends = torch.tensor([t["end"] for t in tasks])
+    assert ends.min() < H < ends.max()  # some episodes end early, some run the full horizon
+    lengths = torch.clamp(ends, max=H)[:, None].expand(6, 3)
+    assert torch.equal(ep.lengths, lengths)
+    steps = torch.arange(H)[:, None, None]
+    assert torch.equal(ep.mask, (steps < lengths).float())
+    after = ep.mask == 0
+    assert torch.all(ep.rewards[after] == 0) and torch.all(ep.actions[after] == 0)
+    assert torch.all(ep.observations[after] == 0)
+    # inside the episode: r_h = end + a_h, obs_h = (h, end, noise)
+    expected = (ends[None, :, None] + ep.actions[..., 0]) * ep.mask
+    torch.testing.assert_close(ep.rewards, expected)
+    torch.testing.assert_close(ep.returns, ep.rewards.sum(0))
+    inside = ep.observations[ep.mask == 1]
+    assert torch.equal(inside[:, 0], steps.expand(H, 6, 3)[ep.mask == 1].float())
+    noise = ep.observations[0, :, :, 2]
+    assert len(noise.unique()) == 18  # one reset seed per episode
+
+
+def test_callable_entry_point_env_in_process(user_env_id):
+    module = pytest.importorskip(USER_MODULE)
+    gym.register("binom_rl_test/Callable-v0", entry_point=module.EarlyStopEnv,
+                 max_episode_steps=5)
+    try:
+        with MultiTaskSampler("binom_rl_test/Callable-v0") as sampler:
+            ep = sampler.sample([{"end": 2}, {"end": 7}], uniform_act_1d, 2, seed=0)
+        assert ep.lengths.tolist() == [[2, 2], [5, 5]]
+    finally:
+        del gym.registry["binom_rl_test/Callable-v0"]
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="binom_rl/2DNavigation-v0"):
+        MultiTaskSampler("binom_rl/NoSuchEnv-v0")
+    with pytest.raises(ValueError, match="sample_tasks"):
+        MultiTaskSampler("CartPole-v1")
+    with pytest.raises(ValueError, match="num_workers"):
+        MultiTaskSampler(NAV, num_workers=0)
+    sampler = MultiTaskSampler(NAV, max_episode_steps=3)
+    tasks = sampler.sample_tasks(2, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        sampler.sample(tasks, lambda obs, g: torch.zeros(2, 2), 2, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.sample(tasks, gaussian_act, 0, seed=0)
+    with pytest.raises(RuntimeError, match="goal"):  # in-process env errors are RuntimeErrors too
+        sampler.sample([{"goal": np.zeros(3)}], gaussian_act, 2, seed=0)
+    sampler.sample(tasks, gaussian_act, 2, seed=0)  # still usable after an env error
+    sampler.close()
+    sampler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sampler.sample(tasks, gaussian_act, 2, seed=0)
+
+
+def test_workers_match_in_process_and_worker_error_raises():
+    with MultiTaskSampler(NAV, max_episode_steps=30) as local:
+        tasks = local.sample_tasks(3, seed=0)
+        expected = local.sample(tasks, gaussian_act, batch_size=3, seed=9)
+    with MultiTaskSampler(NAV, num_workers=2, max_episode_steps=30) as sampler:
+        assert_episodes_equal(sampler.sample(tasks, gaussian_act, batch_size=3, seed=9), expected)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="(?s)worker 1 raised.*ValueError.*goal"):
+            sampler.sample(tasks[:1] + [{"goal": np.zeros(3)}], gaussian_act, 2, seed=0)
+        assert time.monotonic() - start < 10
+
+
+def test_user_env_in_workers_and_killed_worker_raises(user_env_id):
+    with MultiTaskSampler(user_env_id) as local:
+        tasks = local.sample_tasks(4, seed=3)
+        expected = local.sample(tasks, uniform_act_1d, batch_size=3, seed=1)
+    with MultiTaskSampler(user_env_id, num_workers=2) as sampler:
+        assert_episodes_equal(sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=1),
+                              expected)
+        victim = sampler._workers[1].process
+
+        def killing_act(obs, generator):
+            os.kill(victim.pid, signal.SIGKILL)
+            return uniform_act_1d(obs, generator)
+
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="died"):
+            sampler.sample(tasks, killing_act, batch_size=3, seed=1)
+        assert time.monotonic() - start < 10
+        assert not victim.is_alive()
