@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seed
+from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seeds
 
 NAV = "binom_rl/2DNavigation-v0"
 
@@ -115,7 +115,8 @@ def test_same_seed_same_episodes_and_seeds_matter():
     assert_episodes_equal(a, b)
     assert not torch.equal(a.actions, c.actions)
     assert a.to("cpu").observations.device.type == "cpu"
-    assert episode_seed(10, 0, 1) != episode_seed(10, 1, 0)
+    seeds = episode_seeds(10, 3, 4)
+    assert len(set(seeds)) == 12 and episode_seeds(10, 2, 2) == seeds[:2] + seeds[4:6]
 
 
 @pytest.mark.parametrize("env_id, num_states", [("binom_rl/Bandit-v0", 1),
