@@ -26,6 +26,7 @@ bit-identical to the gymnasium env's for the same task and seed.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,23 @@ _CTRL_SPEC = mujoco.mjtState.mjSTATE_CTRL.value
 
 
 def default_num_threads() -> int:
-    """Number of CPU cores this process may run on (the rollout thread-pool size)."""
+    """Default size of the rollout thread pool.
+
+    ``BINOM_RL_ROLLOUT_THREADS`` if set; else 1 inside a multiprocessing child (a
+    sampler worker process: the parallelism already comes from the processes, and a
+    pool per process would oversubscribe the cores); else the number of cores this
+    process may run on.
+    """
+    override = os.environ.get("BINOM_RL_ROLLOUT_THREADS")
+    if override is not None:
+        try:
+            return max(int(override), 0)
+        except ValueError as err:
+            raise ValueError(
+                f"BINOM_RL_ROLLOUT_THREADS must be an integer, got {override!r}"
+            ) from err
+    if multiprocessing.parent_process() is not None:
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not available on macOS / Windows
