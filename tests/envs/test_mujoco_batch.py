@@ -108,3 +108,15 @@ def test_batch_env_bad_input():
     batch.close()
     with pytest.raises(RuntimeError, match="closed"):
         batch.step(np.zeros((2, 6)))
+
+
+def test_default_num_threads(monkeypatch):
+    from binom_rl.envs.mujoco_batch import default_num_threads
+
+    monkeypatch.delenv("BINOM_RL_ROLLOUT_THREADS", raising=False)
+    assert default_num_threads() >= 1  # the main process: one thread per core
+    monkeypatch.setenv("BINOM_RL_ROLLOUT_THREADS", "0")
+    assert default_num_threads() == 0
+    monkeypatch.setenv("BINOM_RL_ROLLOUT_THREADS", "many")
+    with pytest.raises(ValueError, match="BINOM_RL_ROLLOUT_THREADS"):
+        default_num_threads()
