@@ -129,16 +129,29 @@ class GaussianMLPPolicy(_MLPPolicyBase):
         """The mean action."""
         return self.mean_and_std(params, obs)[0]
 
+    def dist_params(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Distribution parameters (mu [..., act_dim], log sigma [act_dim]) of pi(.|obs)."""
+        mean, std = self.mean_and_std(params, obs)
+        return mean, std.log()
+
+    @staticmethod
+    def kl_dist(old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> Tensor:
+        """KL between Gaussians given (mu, log sigma), per sample:
+        sum_i log(s_n/s_o) + (s_o^2 + (mu_o - mu_n)^2) / (2 s_n^2) - 1/2."""
+        (mu_o, log_s_o), (mu_n, log_s_n) = old, new
+        var_n = torch.exp(2.0 * log_s_n)
+        terms = (
+            (log_s_n - log_s_o)
+            + (torch.exp(2.0 * log_s_o) + (mu_o - mu_n) ** 2) / (2.0 * var_n)
+            - 0.5
+        )
+        return terms.sum(-1)
+
     def kl(
         self, params_old: dict[str, Tensor], params_new: dict[str, Tensor], obs: Tensor
     ) -> Tensor:
-        """KL(pi_old || pi_new) per sample:
-        sum_i log(s_n/s_o) + (s_o^2 + (mu_o - mu_n)^2) / (2 s_n^2) - 1/2."""
-        mu_o, s_o = self.mean_and_std(params_old, obs)
-        mu_n, s_n = self.mean_and_std(params_new, obs)
-        var_n = s_n**2
-        terms = (s_n.log() - s_o.log()) + (s_o**2 + (mu_o - mu_n) ** 2) / (2.0 * var_n) - 0.5
-        return terms.sum(-1)
+        """KL(pi_old || pi_new) per sample (see :meth:`kl_dist`)."""
+        return self.kl_dist(self.dist_params(params_old, obs), self.dist_params(params_new, obs))
 
     def entropy(self, params: dict[str, Tensor], obs: Tensor) -> Tensor:
         """sum_i (1/2 + log(2 pi)/2 + log sigma_i), broadcast to obs leading dims."""
@@ -198,13 +211,21 @@ class CategoricalMLPPolicy(_MLPPolicyBase):
         """argmax_a logits."""
         return self.logits(params, obs).argmax(-1)
 
+    def dist_params(self, params: dict[str, Tensor], obs: Tensor) -> Tensor:
+        """Distribution parameters of pi(.|obs): the logits."""
+        return self.logits(params, obs)
+
+    @staticmethod
+    def kl_dist(old: Tensor, new: Tensor) -> Tensor:
+        """KL between categoricals given logits: sum_a p_old(a) (log p_old(a) - log p_new(a))."""
+        lo, ln = torch.log_softmax(old, dim=-1), torch.log_softmax(new, dim=-1)
+        return (lo.exp() * (lo - ln)).sum(-1)
+
     def kl(
         self, params_old: dict[str, Tensor], params_new: dict[str, Tensor], obs: Tensor
     ) -> Tensor:
-        """KL(pi_old || pi_new) = sum_a p_old(a) (log p_old(a) - log p_new(a))."""
-        lo = self._log_probs(params_old, obs)
-        ln = self._log_probs(params_new, obs)
-        return (lo.exp() * (lo - ln)).sum(-1)
+        """KL(pi_old || pi_new) per sample (see :meth:`kl_dist`)."""
+        return self.kl_dist(self.logits(params_old, obs), self.logits(params_new, obs))
 
     def entropy(self, params: dict[str, Tensor], obs: Tensor) -> Tensor:
         """-sum_a p(a) log p(a)."""

@@ -156,8 +156,13 @@ def _hvp_revrev(loss: LossFn, params: Params, data: Any, vec: Params) -> Params:
     return pullback(vec)[0]  # H is symmetric, so H^T v = H v
 
 
-def _batched_hvp(
-    loss: LossFn, params: Params, data: Any, vecs: Params, chunk_size: int | None, hvp_mode: str
+def batched_hvp(
+    loss: LossFn,
+    params: Params,
+    data: Any,
+    vecs: Params,
+    chunk_size: int | None = None,
+    hvp_mode: str = "auto",
 ) -> Params:
     """H(params[i], data[i]) vecs[i] for every i along the leading dim, as one vmap call."""
     if hvp_mode in ("auto", "fwdrev"):
@@ -259,7 +264,7 @@ def _sequential_product(
     """Exact (I - a H_{s_0}) ... (I - a H_{s_n}) v, applying the rightmost factor first."""
     u = v
     for k in reversed(steps):
-        hu = _batched_hvp(
+        hu = batched_hvp(
             loss,
             _index(path_stack, (slice(None), k)),
             _index(data_stack, (slice(None), k)),
@@ -294,7 +299,7 @@ def _binomial_product(
         else:
             # suffix sums over positions > i: reverse cumulative sum, shifted by one.
             vecs = {k: x.flip(1).cumsum(1).flip(1)[:, 1 : m + 1] for k, x in w.items()}
-        hw = _batched_hvp(
+        hw = batched_hvp(
             loss,
             _flatten2(_index(phis, (slice(None), slice(0, m)))),
             _flatten2(_index(datas, (slice(None), slice(0, m)))),

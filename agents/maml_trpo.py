@@ -1,0 +1,340 @@
+"""Meta-learner: policy-gradient inner loop, trust-region (TRPO) outer step, any estimator.
+
+One meta-iteration, top to bottom (:meth:`MetaLearner.meta_iteration`):
+
+1. sample ``meta-batch-size`` tasks;
+2. for k = 0..K-1: sample ``fast-batch-size`` episodes per task with phi_k, fit the
+   baseline, take the inner step phi_{k+1} = phi_k - a grad L_in(phi_k) (all tasks batched);
+3. sample validation episodes with phi_K;
+4. TRPO on the outer surrogate L_out(theta) = -mean_t E[ pi_{phi_K(theta)} / pi_old * A ]:
+   gradient g = mean_t J_t^T grad L_out(phi_K^t)  (meta_vjp with the chosen estimator),
+   Fisher-vector product F v = mean_t J_t^T F_{phi_K^t} J_t v + damping v
+   (F_phi = Hessian of KL(pi_old || pi_phi) at phi = phi_K: exact there since grad KL = 0),
+   step direction s = CG(F, g), full step -sqrt(2 max_kl / s^T F s) s, backtracking
+   line search that re-adapts on the stored episodes and accepts only improvement with
+   KL <= max-kl.
+
+The estimator (maml, fomaml, trunc L, binom L) only changes how J products are computed;
+everything else, MAML-TRPO included, is the same code path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
+from binom_rl.agents.policies import Policy, batched_sample, make_policy
+from binom_rl.config import Config
+from binom_rl.metagrad import (
+    Params,
+    batched_adapt,
+    batched_inner_step,
+    batched_meta_jvp,
+    batched_meta_vjp,
+)
+from binom_rl.rl import (
+    conjugate_gradient,
+    flatten_params,
+    line_search,
+    masked_mean,
+    unflatten_params,
+)
+from binom_rl.sampler import Episodes, MultiTaskSampler
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf appeared; the message names where."""
+
+
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed that depends only on ``keys`` (run seed, iteration, purpose, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
+def _check_finite(where: str, *tensors: Tensor | dict) -> None:
+    for t in tensors:
+        values = t.values() if isinstance(t, dict) else [t]
+        for x in values:
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(f"non-finite values (NaN/inf) in {where}")
+
+
+def _task_major(x: Tensor) -> Tensor:
+    """[H, T, B, ...] -> [T, H, B, ...]: vmap maps over the leading task dim."""
+    return x.movedim(1, 0)
+
+
+@dataclass
+class AdaptationResult:
+    """What K inner steps on a batch of tasks produced."""
+
+    episodes: list[Episodes]  # K + 1 batches: sampled with phi_0 .. phi_K
+    inner_data: list[dict[str, Tensor]]  # K batches, task-major, for the inner loss
+    path: list[Params]  # phi_0 .. phi_K, leading task dim
+
+
+class MetaLearner:
+    """MAML-TRPO with a pluggable meta-gradient estimator (``cfg.estimator``, ``cfg.order``)."""
+
+    def __init__(self, cfg: Config, sampler: MultiTaskSampler, policy: Policy | None = None):
+        self.cfg = cfg
+        self.sampler = sampler
+        self.device = torch.device(cfg.device)
+        self.policy = policy or make_policy(
+            sampler.observation_space,
+            sampler.action_space,
+            cfg.hidden_sizes,
+            cfg.nonlinearity,
+            cfg.init_std,
+        )
+        self.baseline = LinearFeatureBaseline()
+
+    # ------------------------------------------------------------------ losses (pure)
+
+    def inner_loss(self, params: Params, data: dict[str, Tensor]) -> Tensor:
+        """Policy-gradient surrogate of one task: -mean over valid steps of log pi(a|s) A."""
+        log_prob = self.policy.log_prob(params, data["obs"], data["actions"])
+        return -masked_mean(log_prob * data["advantages"], data["mask"])
+
+    def outer_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
+        """TRPO surrogate of one task: -mean of pi(a|s) / pi_old(a|s) * A over valid steps."""
+        log_prob = self.policy.log_prob(params, data["obs"], data["actions"])
+        ratio = torch.exp(log_prob - data["old_log_prob"])
+        return -masked_mean(ratio * data["advantages"], data["mask"])
+
+    def kl_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
+        """Mean KL(pi_old || pi_params) over valid steps of one task."""
+        kl = self.policy.kl(data["old_params"], params, data["obs"])
+        return masked_mean(kl, data["mask"])
+
+    def fisher_product(self, params: Params, data: dict[str, Any], u: Params) -> Params:
+        """F u for one task at params = phi_old: the Hessian of kl_loss there, computed as
+
+            F u = J_d^T (d^2 KL / dd^2) J_d u,   d = the policy's distribution parameters.
+
+        Exact at phi_old, where dKL/dd = 0 removes the network's own curvature term, and
+        about half the cost of an HVP through the network (one jvp and one vjp).
+        """
+        obs = data["obs"]
+
+        def dist(p: Params) -> Any:
+            return self.policy.dist_params(p, obs)
+
+        d_old, pullback = vjp(dist, params)
+        d_dot = jvp(dist, (params,), (u,))[1]
+
+        def kl_of_dist(d: Any) -> Tensor:
+            return masked_mean(self.policy.kl_dist(d_old, d), data["mask"])
+
+        hd = jvp(grad(kl_of_dist), (d_old,), (d_dot,))[1]
+        return pullback(hd)[0]
+
+    # ------------------------------------------------------------------ sampling
+
+    def init_params(self, seed: int) -> Params:
+        params = self.policy.init_params(seed)
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    def _sample(self, tasks: Sequence[dict], phi: Params, seed: int) -> Episodes:
+        def act(obs: Tensor, generator: torch.Generator) -> Tensor:
+            return batched_sample(self.policy, phi, obs, generator)
+
+        episodes = self.sampler.sample(tasks, act, self.cfg.fast_batch_size, seed=seed)
+        return episodes.to(self.device)
+
+    def _batch(self, episodes: Episodes) -> dict[str, Tensor]:
+        """Task-major tensors for the losses, with baseline-fitted GAE advantages."""
+        advantages = compute_advantages(
+            self.baseline,
+            episodes.observations,
+            episodes.rewards,
+            episodes.mask,
+            self.cfg.gamma,
+            self.cfg.gae_lambda,
+            normalize=True,
+            task_dim=1,
+        )
+        return {
+            "obs": _task_major(episodes.observations),
+            "actions": _task_major(episodes.actions),
+            "advantages": _task_major(advantages),
+            "mask": _task_major(episodes.mask),
+        }
+
+    def adapt(
+        self, params: Params, tasks: Sequence[dict], num_steps: int, seed: int
+    ) -> AdaptationResult:
+        """Sample and take ``num_steps`` inner steps per task; sample again after each."""
+        num_tasks = len(tasks)
+        phi = {k: v.unsqueeze(0).expand(num_tasks, *v.shape) for k, v in params.items()}
+        path, inner_data, episodes = [phi], [], []
+        for k in range(num_steps + 1):
+            episodes.append(self._sample(tasks, phi, derive_seed(seed, k)))
+            if k == num_steps:
+                break
+            data = self._batch(episodes[-1])
+            inner_data.append(data)
+            phi = batched_inner_step(self.inner_loss, phi, data, step_size=self.cfg.fast_lr)
+            _check_finite(f"inner step {k + 1} parameters", phi)
+            path.append(phi)
+        return AdaptationResult(episodes, inner_data, path)
+
+    # ------------------------------------------------------------------ meta-gradient
+
+    def _products(self, method: str | None = None, order: int | None = None) -> dict[str, Any]:
+        return dict(
+            step_size=self.cfg.fast_lr,
+            method=method or self.cfg.estimator,
+            order=self.cfg.order if order is None else order,
+            chunk_size=self.cfg.chunk_size,
+        )
+
+    def meta_gradient(
+        self, path: list[Params], inner_data: list, outer_data: dict, method: str | None = None
+    ) -> Params:
+        """mean_t J_t^T grad L_out(phi_K^t) with the configured (or given) estimator."""
+        g_phi = vmap(grad(self.outer_loss))(path[-1], outer_data)
+        order = self.cfg.num_steps if method == "maml" else None
+        per_task = batched_meta_vjp(
+            self.inner_loss, path, inner_data, g_phi, **self._products(method, order)
+        )
+        return {k: v.mean(0) for k, v in per_task.items()}
+
+    def fisher_vector_product(
+        self, path: list[Params], inner_data: list, outer_data: dict, v: Params
+    ) -> Params:
+        """mean_t J_t^T F_{phi_K^t} J_t v (without damping)."""
+        jv = batched_meta_jvp(self.inner_loss, path, inner_data, v, **self._products())
+        fjv = vmap(self.fisher_product, chunk_size=self.cfg.chunk_size)(path[-1], outer_data, jv)
+        jtfjv = batched_meta_vjp(self.inner_loss, path, inner_data, fjv, **self._products())
+        return {k: x.mean(0) for k, x in jtfjv.items()}
+
+    def _surrogate_and_kl(
+        self, params: Params, inner_data: list, outer_data: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Mean outer loss and KL after re-adapting ``params`` on the stored inner episodes."""
+        path = batched_adapt(self.inner_loss, params, inner_data, step_size=self.cfg.fast_lr)
+        loss = vmap(self.outer_loss)(path[-1], outer_data).mean()
+        kl = vmap(self.kl_loss)(path[-1], outer_data).mean()
+        return loss, kl
+
+    def trpo_step(
+        self, params: Params, adaptation: AdaptationResult, diagnose: bool = False
+    ) -> tuple[Params, dict[str, float]]:
+        """One trust-region meta-update of ``params`` from stored episodes."""
+        cfg = self.cfg
+        path, inner_data = adaptation.path, adaptation.inner_data
+        phi_k = path[-1]
+        valid = self._batch(adaptation.episodes[-1])
+        with torch.no_grad():
+            valid["old_log_prob"] = vmap(self.policy.log_prob)(
+                phi_k, valid["obs"], valid["actions"]
+            )
+        valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
+
+        loss_before = vmap(self.outer_loss)(phi_k, valid).mean()
+        _check_finite("outer surrogate loss", loss_before)
+        g = self.meta_gradient(path, inner_data, valid)
+        _check_finite("meta-gradient", g)
+        g_flat = flatten_params(g)
+
+        def fvp(v_flat: Tensor) -> Tensor:
+            fv = self.fisher_vector_product(path, inner_data, valid, unflatten_params(v_flat, g))
+            return flatten_params(fv) + cfg.cg_damping * v_flat
+
+        step_dir = conjugate_gradient(fvp, g_flat, cfg.cg_iters)
+        shs = 0.5 * torch.dot(step_dir, fvp(step_dir))
+        _check_finite("conjugate-gradient step direction", step_dir, shs)
+        full_step = -step_dir * torch.sqrt(cfg.max_kl / shs.clamp(min=1e-12))
+
+        def evaluate(fraction: float) -> tuple[float, float]:
+            candidate = unflatten_params(flatten_params(params) + fraction * full_step, params)
+            loss, kl = self._surrogate_and_kl(candidate, inner_data, valid)
+            return float(loss_before - loss), float(kl)
+
+        fraction, tries = line_search(
+            evaluate,
+            max_steps=cfg.ls_max_steps,
+            backtrack_ratio=cfg.ls_backtrack_ratio,
+            max_kl=cfg.max_kl,
+        )
+        new_params = unflatten_params(flatten_params(params) + fraction * full_step, params)
+        _check_finite("updated meta-parameters", new_params)
+        improvement, kl = evaluate(fraction) if fraction > 0 else (0.0, 0.0)
+        metrics = {
+            "metagrad/norm": float(g_flat.norm()),
+            "train/kl": kl,
+            "train/surrogate_improvement": improvement,
+            "train/ls_fraction": fraction,
+            "train/ls_tries": float(tries),
+        }
+        if diagnose:
+            metrics.update(self.diagnose(path, inner_data, valid, g_flat))
+        return new_params, metrics
+
+    def diagnose(
+        self, path: list[Params], inner_data: list, outer_data: dict, g_flat: Tensor
+    ) -> dict[str, float]:
+        """Cosine and relative error of the estimator's meta-gradient to the exact one."""
+        exact = flatten_params(self.meta_gradient(path, inner_data, outer_data, method="maml"))
+        cos = torch.dot(g_flat, exact) / (g_flat.norm() * exact.norm()).clamp(min=1e-30)
+        rel = (g_flat - exact).norm() / exact.norm().clamp(min=1e-30)
+        return {"metagrad/cosine_to_exact": float(cos), "metagrad/rel_error_to_exact": float(rel)}
+
+    # ------------------------------------------------------------------ one iteration
+
+    def meta_iteration(
+        self, params: Params, iteration: int, diagnose: bool = False
+    ) -> tuple[Params, dict[str, float]]:
+        """Sample tasks, adapt, and take one TRPO meta-step. Returns new params and metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        tasks = self.sampler.sample_tasks(
+            cfg.meta_batch_size, seed=derive_seed(cfg.seed, iteration, 0)
+        )
+        adaptation = self.adapt(
+            params, tasks, cfg.num_steps, seed=derive_seed(cfg.seed, iteration, 1)
+        )
+        _sync(self.device)
+        t1 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        new_params, metrics = self.trpo_step(params, adaptation, diagnose=diagnose)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        for k, eps in enumerate(adaptation.episodes):
+            metrics[f"returns/step_{k}"] = float(eps.returns.mean())
+        metrics["time/sampling_s"] = t1 - t0
+        metrics["time/meta_step_s"] = t2 - t1
+        metrics["memory/peak_mb"] = peak_memory_mb(self.device)
+        return new_params, metrics
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of the meta-step on CUDA; the process' peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def mean_and_stderr(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the mean along ``axis``."""
+    n = x.shape[axis]
+    std = x.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(x.mean(axis=axis))
+    return x.mean(axis=axis), std / math.sqrt(n)

@@ -1,0 +1,154 @@
+"""The training run around the meta-learner: output folder, checkpoints, resume, TensorBoard.
+
+Folder layout written by :func:`train`::
+
+    <output-folder>/config.yaml     resolved configuration
+    <output-folder>/policy.pt       last good checkpoint (atomic write, every iteration)
+    <output-folder>/events.out.*    TensorBoard scalars (tags in DESIGN.md)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from binom_rl.agents.maml_trpo import MetaLearner
+from binom_rl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from binom_rl.config import Config, ConfigError, load_yaml, save_config
+from binom_rl.sampler import MultiTaskSampler
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILE = "policy.pt"
+
+
+def prepare_run(
+    cfg: Config, output_folder: str | os.PathLike, *, resume: bool, overwrite: bool
+) -> tuple[Config, dict[str, Any] | None]:
+    """Check the output folder before any work; on resume return the saved config and state.
+
+    Raises ConfigError (nothing is written) for a non-empty folder without --resume or
+    --overwrite, or for --resume without a checkpoint.
+    """
+    folder = Path(output_folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} exists and is not a directory")
+    non_empty = folder.is_dir() and any(folder.iterdir())
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (folder / CHECKPOINT_FILE).is_file():
+            raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
+        state = load_checkpoint(folder / CHECKPOINT_FILE)
+        return Config.from_dict(state["config"]), state
+    if non_empty and not overwrite:
+        raise ConfigError(
+            f"output folder {folder} is not empty: pass --resume to continue the run in it "
+            "or --overwrite to start over"
+        )
+    return cfg, None
+
+
+def resume_config(output_folder: str | os.PathLike, overrides: dict[str, Any]) -> Config:
+    """The saved config of a run, with command-line overrides (e.g. a larger num-batches)."""
+    path = Path(output_folder) / CONFIG_FILE
+    raw = load_yaml(path)
+    raw.update(overrides)
+    return Config.from_dict(raw)
+
+
+def train(
+    cfg: Config,
+    output_folder: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, float]:
+    """Meta-train ``cfg`` into ``output_folder``; returns the last iteration's metrics.
+
+    ``stop_after`` ends the run after that many iterations of this call (tests use it to
+    simulate a crash); the checkpoint then resumes exactly where it stopped.
+    """
+    cfg, state = prepare_run(cfg, output_folder, resume=resume, overwrite=overwrite)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+    # The sampler validates the env id and its task protocol before anything is written.
+    sampler = MultiTaskSampler(
+        cfg.env_name,
+        num_workers=cfg.num_workers,
+        env_kwargs=cfg.env_kwargs,
+        max_episode_steps=cfg.max_episode_steps,
+        device=device,
+    )
+    try:
+        learner = MetaLearner(cfg, sampler)
+        if state is None:
+            params = learner.init_params(cfg.seed)
+            start = 0
+        else:
+            params = {k: v.to(device) for k, v in state["params"].items()}
+            start = int(state["iteration"])
+            set_rng_state(state["rng"])
+        folder = Path(output_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder / CONFIG_FILE)
+        return _loop(cfg, learner, params, start, folder, progress, stop_after)
+    finally:
+        sampler.close()
+
+
+def _loop(
+    cfg: Config,
+    learner: MetaLearner,
+    params: dict[str, torch.Tensor],
+    start: int,
+    folder: Path,
+    progress: bool,
+    stop_after: int | None,
+) -> dict[str, float]:
+    # purge_step drops events a killed run logged after its last checkpoint.
+    writer = SummaryWriter(log_dir=str(folder), purge_step=start if start > 0 else None)
+    end = cfg.num_batches if stop_after is None else min(cfg.num_batches, start + stop_after)
+    metrics: dict[str, float] = {}
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=cfg.num_batches,
+        disable=not progress,
+        desc="meta-train",
+        dynamic_ncols=True,
+    )
+    try:
+        for iteration in bar:
+            diagnose = cfg.diagnose_every > 0 and iteration % cfg.diagnose_every == 0
+            params, metrics = learner.meta_iteration(params, iteration, diagnose=diagnose)
+            save_checkpoint(
+                {
+                    "params": {k: v.detach().cpu() for k, v in params.items()},
+                    "iteration": iteration + 1,
+                    "config": cfg.to_dict(),
+                    "rng": rng_state(),
+                    "metrics": metrics,
+                },
+                folder / CHECKPOINT_FILE,
+            )
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, iteration)
+            writer.flush()
+            k = cfg.num_steps
+            bar.set_postfix(
+                pre=f"{metrics['returns/step_0']:.1f}",
+                post=f"{metrics[f'returns/step_{k}']:.1f}",
+                kl=f"{metrics['train/kl']:.4f}",
+            )
+    finally:
+        bar.close()
+        writer.close()
+    return metrics

@@ -1,0 +1,213 @@
+"""Run configuration: MAML-RL key names in YAML and on the command line, validated up front.
+
+YAML files and flags use the MAML-RL spelling (``fast-lr``, ``meta-batch-size``, ...);
+Python code uses the same names with underscores. Every key is a flag of
+``scripts/train.py`` (``--fast-lr 0.05``), and the flags override the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from binom_rl.checkpoint import atomic_write
+from binom_rl.metagrad import METHODS
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before any work is done."""
+
+
+@dataclass
+class Config:
+    """Hyper-parameters of one meta-training run (defaults: the MAML-RL paper's)."""
+
+    env_name: str = "binom_rl/2DNavigation-v0"
+    env_kwargs: dict = field(default_factory=dict)
+    max_episode_steps: int | None = None  # None: the env's registered horizon
+    # inner loop
+    fast_lr: float = 0.1
+    fast_batch_size: int = 20
+    num_steps: int = 1
+    # outer loop
+    meta_batch_size: int = 40
+    num_batches: int = 500
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    ls_max_steps: int = 15
+    ls_backtrack_ratio: float = 0.8
+    # returns and advantages
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    # policy
+    hidden_sizes: list = field(default_factory=lambda: [64, 64])
+    nonlinearity: str = "tanh"
+    init_std: float = 1.0
+    # meta-gradient estimator
+    estimator: str = "binom"
+    order: int = 1
+    chunk_size: int | None = None
+    diagnose_every: int = 0
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 1
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Valid keys, MAML-RL spelling."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build and validate; unknown keys and wrong types raise ConfigError."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw)}")
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in hints:
+                raise ConfigError(
+                    f"unknown config key {key!r}; valid keys: {', '.join(cls.keys())}"
+                )
+            values[name] = _coerce(key, value, hints[name])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Value checks (types are checked in from_dict)."""
+        for name in ("fast_lr", "max_kl", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "fast_batch_size",
+            "num_steps",
+            "meta_batch_size",
+            "num_batches",
+            "cg_iters",
+            "ls_max_steps",
+            "num_workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
+        if self.cg_damping < 0:
+            raise ConfigError(f"cg-damping must be >= 0, got {self.cg_damping}")
+        if not 0 < self.ls_backtrack_ratio < 1:
+            raise ConfigError(
+                f"ls-backtrack-ratio must be in (0, 1), got {self.ls_backtrack_ratio}"
+            )
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{_key(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.estimator not in METHODS:
+            raise ConfigError(
+                f"estimator must be one of {', '.join(METHODS)}, got {self.estimator!r}"
+            )
+        if self.estimator in ("trunc", "binom"):
+            if self.order < 0:
+                raise ConfigError(f"order must be >= 0, got {self.order}")
+            if self.order > self.num_steps:
+                raise ConfigError(
+                    f"order {self.order} > num-steps {self.num_steps}: {self.estimator} keeps at "
+                    f"most num-steps Hessian factors (order = num-steps is already exact MAML)"
+                )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"chunk-size must be >= 1 or null, got {self.chunk_size}")
+        if self.diagnose_every < 0:
+            raise ConfigError(f"diagnose-every must be >= 0, got {self.diagnose_every}")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ConfigError(f"max-episode-steps must be >= 1, got {self.max_episode_steps}")
+        if not self.hidden_sizes or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden_sizes
+        ):
+            raise ConfigError(
+                f"hidden-sizes must be a list of positive ints, got {self.hidden_sizes}"
+            )
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML/flag value against the field's type; ints are accepted for floats."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    expected = next(a for a in args if a is not type(None)) if args else hint
+    base = expected.__name__
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{key} must be of type {base}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a plain dict (ConfigError if unreadable)."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return raw
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--key`` flag per config key; values are YAML-parsed (``--hidden-sizes [100,100]``).
+
+    Flags left out are absent from the namespace (SUPPRESS), so only the flags given on
+    the command line override the file, and ``--chunk-size null`` can reset a value.
+    """
+    group = parser.add_argument_group("config overrides (MAML-RL key names)")
+    for key in Config.keys():
+        group.add_argument(
+            f"--{key}",
+            dest=f"cfg_{key}",
+            type=_yaml_value,
+            default=argparse.SUPPRESS,
+            metavar=key.upper().replace("-", "_"),
+        )
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys given as flags, MAML-RL spelling."""
+    return {
+        key: getattr(args, f"cfg_{key}") for key in Config.keys() if hasattr(args, f"cfg_{key}")
+    }
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
