@@ -703,6 +703,7 @@ def plot_errors(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for k_steps in sorted({r["K"] for r in rows}):
@@ -715,6 +716,7 @@ def plot_errors(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
             ys = [fo["rel_err"]] + [max(p[1], 1e-17) for p in pts]
             ax.plot(xs, ys, style, label=f"{METHOD_LABELS[method]}, K={k_steps}")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("order L (Hessian factors kept; L = 0 is FOMAML)")
     ax.set_ylabel("relative error ||g - g_exact|| / ||g_exact||")
     ax.set_title("Meta-gradient estimation error, sinusoid regression")
@@ -733,14 +735,21 @@ def plot_cost(results: Sequence[Measurement], path: str | Path, title: str) -> N
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    methods = list(dict.fromkeys(r.config.method for r in results))
-    for method in methods:
-        ok = [r for r in results if r.config.method == method and not r.error]
+    series = list(dict.fromkeys((r.config.method, r.config.chunk_size) for r in results))
+    several_chunks = {m for m, _ in series if sum(1 for m2, _ in series if m2 == m) > 1}
+    for method, chunk in series:
+        ok = [
+            r
+            for r in results
+            if r.config.method == method and r.config.chunk_size == chunk and not r.error
+        ]
         if not ok:
             continue
         name = METHOD_LABELS.get(method, method)
         if ok[0].config.effective_order() is not None:
             name += f" (L={ok[0].config.order})"
+        if method in several_chunks:
+            name += f", chunk_size={chunk}"
         ks = [r.config.num_steps for r in ok]
         ax_t.plot(ks, [r.time_s * 1000 for r in ok], "o-", label=name)
         ax_m.plot(ks, [r.peak_mb for r in ok], "o-", label=name)
