@@ -1159,6 +1159,23 @@ def report_markdown(res: dict[str, Any], opts: BenchmarkOptions) -> str:
             f"![memory flatness]({opts.name}_flatness.png)",
             "",
         ]
+    lines += [
+        "## Notes on reading the numbers",
+        "",
+        "- Work per task: exact MAML (engine) K sequential HVPs; TruncMAML L; BinomMAML "
+        "sum_{l=1..L} (K - l + 1) HVPs in L vmap calls (2K - 1 for L = 2); vanilla K "
+        "create_graph steps and one double-backward pass. BinomMAML buys accuracy (Table 1), "
+        "not fewer FLOPs than exact: its speed comes from batching all (task, step) pairs of a "
+        "level into one vmap call, while vanilla loops over tasks in Python.",
+        "- `chunk_size` bounds the (task, step) HVPs in flight: chunk_size = 1 keeps one HVP "
+        "graph alive (memory flat in K, time serial), None runs a whole level at once (fast, "
+        "memory ~ T K graphs). Between levels only vectors survive, but the engine keeps "
+        "several T x K x |theta| buffers (path, suffix sums, vmap outputs), which is the floor "
+        "of its memory.",
+        "- CPU timings come from a machine shared with other jobs: expect noise of tens of "
+        "percent; compare within a table.",
+        "",
+    ]
     if "chunks" in res:
         lines += [
             f"## Table 4: BinomMAML L = {opts.order} against chunk_size ({opts.num_tasks} tasks)",
