@@ -68,6 +68,13 @@ def _check_finite(where: str, *tensors: Tensor | dict) -> None:
                 raise NonFiniteError(f"non-finite values (NaN/inf) in {where}")
 
 
+def _every_nth_episode(data: dict[str, Any], n: int) -> dict[str, Any]:
+    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (params untouched)."""
+    if n == 1:
+        return data
+    return {k: v if isinstance(v, dict) or v.dim() < 3 else v[:, :, ::n] for k, v in data.items()}
+
+
 def _task_major(x: Tensor) -> Tensor:
     """[H, T, B, ...] -> [T, H, B, ...]: vmap maps over the leading task dim."""
     return x.movedim(1, 0)
@@ -247,8 +254,14 @@ class MetaLearner:
         _check_finite("meta-gradient", g)
         g_flat = flatten_params(g)
 
+        # Fisher-vector products may use every n-th episode (cfg.fvp_subsample, as in
+        # OpenAI baselines' TRPO): the Fisher only shapes the step direction, while the
+        # gradient and the line search's KL check always use every episode.
+        fvp_inner = [_every_nth_episode(d, cfg.fvp_subsample) for d in inner_data]
+        fvp_valid = _every_nth_episode(valid, cfg.fvp_subsample)
+
         def fvp(v_flat: Tensor) -> Tensor:
-            fv = self.fisher_vector_product(path, inner_data, valid, unflatten_params(v_flat, g))
+            fv = self.fisher_vector_product(path, fvp_inner, fvp_valid, unflatten_params(v_flat, g))
             return flatten_params(fv) + cfg.cg_damping * v_flat
 
         step_dir = conjugate_gradient(fvp, g_flat, cfg.cg_iters)
@@ -256,10 +269,13 @@ class MetaLearner:
         _check_finite("conjugate-gradient step direction", step_dir, shs)
         full_step = -step_dir * torch.sqrt(cfg.max_kl / shs.clamp(min=1e-12))
 
+        last: dict[float, tuple[float, float]] = {}
+
         def evaluate(fraction: float) -> tuple[float, float]:
             candidate = unflatten_params(flatten_params(params) + fraction * full_step, params)
             loss, kl = self._surrogate_and_kl(candidate, inner_data, valid)
-            return float(loss_before - loss), float(kl)
+            last[fraction] = (float(loss_before - loss), float(kl))
+            return last[fraction]
 
         fraction, tries = line_search(
             evaluate,
@@ -269,7 +285,7 @@ class MetaLearner:
         )
         new_params = unflatten_params(flatten_params(params) + fraction * full_step, params)
         _check_finite("updated meta-parameters", new_params)
-        improvement, kl = evaluate(fraction) if fraction > 0 else (0.0, 0.0)
+        improvement, kl = last.get(fraction, (0.0, 0.0))
         metrics = {
             "metagrad/norm": float(g_flat.norm()),
             "train/kl": kl,

@@ -44,6 +44,7 @@ class Config:
     cg_damping: float = 1e-5
     ls_max_steps: int = 15
     ls_backtrack_ratio: float = 0.8
+    fvp_subsample: int = 1  # Fisher-vector products on every n-th episode of each task
     # returns and advantages
     gamma: float = 0.99
     gae_lambda: float = 1.0
