@@ -1,0 +1,249 @@
+"""MetaLearner at tiny sizes: one TRPO meta-step per estimator, the Fisher product, the
+meta-gradient and the meta-Fisher against plain autograd through the unrolled inner loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
+from binom_rl.config import Config
+from binom_rl.metagrad import batched_hvp
+from binom_rl.rl import flatten_params
+from binom_rl.sampler import MultiTaskSampler
+
+NAV = "binom_rl/2DNavigation-v0"
+MDP = "binom_rl/TabularMDP-v0"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def samplers():
+    opened: dict[str, MultiTaskSampler] = {}
+
+    def get(env_name: str) -> MultiTaskSampler:
+        if env_name not in opened:
+            opened[env_name] = MultiTaskSampler(env_name, max_episode_steps=10)
+        return opened[env_name]
+
+    yield get
+    for sampler in opened.values():
+        sampler.close()
+
+
+def _learner(samplers, env_name=NAV, **overrides) -> MetaLearner:
+    raw = {
+        "env-name": env_name,
+        "max-episode-steps": 10,
+        "hidden-sizes": [8],
+        "meta-batch-size": 3,
+        "fast-batch-size": 4,
+        "num-batches": 2,
+        "num-steps": 1,
+        "estimator": "maml",
+        "seed": 3,
+    }
+    raw.update(overrides)
+    cfg = Config.from_dict(raw)
+    return MetaLearner(cfg, samplers(env_name))
+
+
+def _adapted(learner: MetaLearner, seed: int = 0):
+    """theta, the adaptation (sampled with the learner's own inner loop) and the outer data
+    exactly as trpo_step builds it (old log-probs and old params at phi_K)."""
+    cfg = learner.cfg
+    params = learner.init_params(cfg.seed)
+    tasks = learner.sampler.sample_tasks(cfg.meta_batch_size, seed=derive_seed(seed, 0))
+    adaptation = learner.adapt(params, tasks, cfg.num_steps, seed=derive_seed(seed, 1))
+    phi_k = adaptation.path[-1]
+    valid = learner._batch(adaptation.episodes[-1])
+    with torch.no_grad():
+        valid["old_log_prob"] = torch.vmap(learner.policy.log_prob)(
+            phi_k, valid["obs"], valid["actions"]
+        )
+    valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
+    return params, adaptation, valid
+
+
+def _task(data, t):
+    """Task t of a task-major (possibly nested) data dict."""
+    return {k: _task(v, t) if isinstance(v, dict) else v[t] for k, v in data.items()}
+
+
+def _unrolled(learner: MetaLearner, theta, inner_data, t):
+    """phi_K of task t by plain autograd with create_graph: differentiable in theta."""
+    phi = dict(theta)
+    for data in inner_data:
+        loss = learner.inner_loss(phi, _task(data, t))
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {k: v - learner.cfg.fast_lr * g for (k, v), g in zip(phi.items(), grads, strict=True)}
+    return phi
+
+
+def _leaf_copy(params):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+ESTIMATORS = [
+    ("maml", 1, 1),
+    ("fomaml", 0, 1),
+    ("trunc", 1, 1),
+    ("binom", 1, 1),
+    ("binom", 2, 2),
+]
+
+
+@pytest.mark.parametrize("estimator,order,num_steps", ESTIMATORS)
+def test_trpo_step_each_estimator(samplers, estimator, order, num_steps):
+    learner = _learner(samplers, estimator=estimator, order=order, **{"num-steps": num_steps})
+    params = learner.init_params(learner.cfg.seed)
+    new_params, metrics = learner.meta_iteration(params, iteration=0)
+
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    for k in range(num_steps + 1):
+        assert f"returns/step_{k}" in metrics
+    assert metrics["metagrad/norm"] > 0
+    assert set(new_params) == set(params)
+    delta = (flatten_params(new_params) - flatten_params(params)).abs().max()
+    if metrics["train/ls_fraction"] > 0:  # accepted: a real, trust-region-bounded step
+        assert delta > 0
+        assert 0 <= metrics["train/kl"] <= learner.cfg.max_kl
+        assert metrics["train/surrogate_improvement"] > 0
+    else:  # the line search rejected every fraction: theta unchanged
+        assert delta == 0
+        assert metrics["train/ls_tries"] == learner.cfg.ls_max_steps
+
+
+def test_trpo_step_metrics_match_the_accepted_params(samplers):
+    """The reported KL / improvement are those of the returned params, recomputed here by
+    re-adapting them with plain autograd on the stored inner episodes."""
+    learner = _learner(samplers, estimator="binom", order=1)
+    params, adaptation, valid = _adapted(learner, seed=5)
+    new_params, metrics = learner.trpo_step(params, adaptation)
+    assert metrics["train/ls_fraction"] > 0, "expected an accepted step on this seed"
+    kls, gains = [], []
+    for t in range(learner.cfg.meta_batch_size):
+        v = _task(valid, t)
+        phi_new = _unrolled(learner, _leaf_copy(new_params), adaptation.inner_data, t)
+        phi_old = _unrolled(learner, _leaf_copy(params), adaptation.inner_data, t)
+        kls.append(learner.kl_loss(phi_new, v))
+        gains.append(learner.outer_loss(phi_old, v) - learner.outer_loss(phi_new, v))
+    torch.testing.assert_close(
+        torch.stack(kls).mean().item(), metrics["train/kl"], rtol=1e-3, atol=1e-7
+    )
+    torch.testing.assert_close(
+        torch.stack(gains).mean().item(),
+        metrics["train/surrogate_improvement"],
+        rtol=1e-3,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("env_name", [NAV, MDP])
+def test_fisher_product_equals_kl_hessian(samplers, env_name):
+    learner = _learner(samplers, env_name)
+    _, adaptation, valid = _adapted(learner)
+    phi_k = adaptation.path[-1]
+    g = torch.Generator().manual_seed(0)
+    u = {k: torch.randn(v.shape, generator=g) for k, v in phi_k.items()}
+    fisher = torch.vmap(learner.fisher_product)(phi_k, valid, u)
+    hessian = batched_hvp(learner.kl_loss, phi_k, valid, u)
+    for k in phi_k:
+        torch.testing.assert_close(fisher[k], hessian[k], rtol=1e-4, atol=1e-6)
+    # the Fisher is PSD: u^T F u >= 0 for every task
+    quad = sum((fisher[k] * u[k]).flatten(1).sum(1) for k in u)
+    assert (quad >= -1e-6).all()
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_maml_meta_gradient_equals_unrolled_autograd(samplers, num_steps):
+    learner = _learner(samplers, **{"num-steps": num_steps})
+    params, adaptation, valid = _adapted(learner, seed=1)
+    got = learner.meta_gradient(adaptation.path, adaptation.inner_data, valid, method="maml")
+    theta = _leaf_copy(params)
+    num_tasks = learner.cfg.meta_batch_size
+    total = 0.0
+    for t in range(num_tasks):
+        phi = _unrolled(learner, theta, adaptation.inner_data, t)
+        for k in phi:  # the stored path is the same adaptation, computed without a graph
+            torch.testing.assert_close(phi[k].detach(), adaptation.path[-1][k][t])
+        total = total + learner.outer_loss(phi, _task(valid, t)) / num_tasks
+    expected = torch.autograd.grad(total, list(theta.values()))
+    for k, e in zip(theta, expected, strict=True):
+        torch.testing.assert_close(got[k], e, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers):
+    """F_theta v = J^T F_phi J v equals the Hessian in theta of mean_t KL(pi_old || pi_phi_K(theta))
+    at theta (exact there: the KL's gradient vanishes), by double backprop through the
+    unrolled inner steps."""
+    learner = _learner(samplers, **{"num-steps": 2})
+    params, adaptation, valid = _adapted(learner, seed=2)
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(x.shape, generator=g) for k, x in params.items()}
+    got = learner.fisher_vector_product(adaptation.path, adaptation.inner_data, valid, v)
+
+    theta = _leaf_copy(params)
+    num_tasks = learner.cfg.meta_batch_size
+    kl = (
+        sum(
+            learner.kl_loss(_unrolled(learner, theta, adaptation.inner_data, t), _task(valid, t))
+            for t in range(num_tasks)
+        )
+        / num_tasks
+    )
+    grads = torch.autograd.grad(kl, list(theta.values()), create_graph=True)
+    gv = sum((gr * v[k]).sum() for gr, k in zip(grads, theta, strict=True))
+    expected = torch.autograd.grad(gv, list(theta.values()))
+    for k, e in zip(theta, expected, strict=True):
+        torch.testing.assert_close(got[k], e, rtol=1e-3, atol=1e-6)
+
+
+def test_binom_full_order_equals_maml(samplers):
+    learner = _learner(samplers, estimator="binom", order=2, **{"num-steps": 2})
+    _, adaptation, valid = _adapted(learner, seed=4)
+    binom = learner.meta_gradient(adaptation.path, adaptation.inner_data, valid)
+    exact = learner.meta_gradient(adaptation.path, adaptation.inner_data, valid, method="maml")
+    for k in exact:
+        torch.testing.assert_close(binom[k], exact[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator,order", [("maml", 1), ("fomaml", 0), ("binom", 1)])
+def test_diagnose_cosine(samplers, estimator, order):
+    learner = _learner(samplers, estimator=estimator, order=order, **{"num-steps": 2})
+    _, adaptation, valid = _adapted(learner, seed=6)
+    g_flat = flatten_params(learner.meta_gradient(adaptation.path, adaptation.inner_data, valid))
+    out = learner.diagnose(adaptation.path, adaptation.inner_data, valid, g_flat)
+    cos, rel = out["metagrad/cosine_to_exact"], out["metagrad/rel_error_to_exact"]
+    if estimator == "maml":
+        assert cos == pytest.approx(1.0, abs=1e-5)
+        assert rel < 1e-5
+    else:
+        assert -1.0 <= cos <= 1.0 + 1e-6
+        assert rel > 0  # an approximation on two inner steps
+
+
+def test_diagnose_metrics_in_meta_iteration(samplers):
+    learner = _learner(samplers, estimator="fomaml", order=0)
+    _, metrics = learner.meta_iteration(learner.init_params(0), iteration=0, diagnose=True)
+    assert -1.0 <= metrics["metagrad/cosine_to_exact"] <= 1.0 + 1e-6
+    assert math.isfinite(metrics["metagrad/rel_error_to_exact"])
+
+
+def test_fvp_subsample_runs(samplers):
+    learner = _learner(samplers, estimator="binom", order=1, **{"fvp-subsample": 2})
+    params = learner.init_params(0)
+    new_params, metrics = learner.meta_iteration(params, iteration=1)
+    assert all(math.isfinite(v) for v in metrics.values())
+    if metrics["train/ls_fraction"] > 0:
+        assert metrics["train/kl"] <= learner.cfg.max_kl
+        assert (flatten_params(new_params) != flatten_params(params)).any()
