@@ -40,6 +40,8 @@ from binom_rl.metagrad import (
     batched_inner_step,
     batched_meta_jvp,
     batched_meta_vjp,
+    default_chunk_size,
+    mlp_hvp_bytes,
 )
 from binom_rl.rl import (
     conjugate_gradient,
@@ -197,12 +199,31 @@ class MetaLearner:
 
     # ------------------------------------------------------------------ meta-gradient
 
-    def _products(self, method: str | None = None, order: int | None = None) -> dict[str, Any]:
+    def chunk_size(self, inner_data: Sequence[dict[str, Tensor]]) -> int | None:
+        """The vmap chunk size: ``cfg.chunk_size``, or for ``"auto"`` the one
+        :func:`~binom_rl.metagrad.default_chunk_size` picks for T x K HVPs of this data."""
+        if self.cfg.chunk_size != "auto":
+            return self.cfg.chunk_size
+        obs = inner_data[0]["obs"]  # [T, H, B, obs_dim]
+        num_tasks, samples = obs.shape[0], math.prod(obs.shape[1:-1])
+        widths = [obs.shape[-1], *self.policy.hidden_sizes, self.policy.out_dim]
+        return default_chunk_size(
+            num_tasks * len(inner_data),
+            mlp_hvp_bytes(samples, widths, obs.dtype),
+            obs.device,
+        )
+
+    def _products(
+        self,
+        inner_data: Sequence[dict[str, Tensor]],
+        method: str | None = None,
+        order: int | None = None,
+    ) -> dict[str, Any]:
         return dict(
             step_size=self.cfg.fast_lr,
             method=method or self.cfg.estimator,
             order=self.cfg.order if order is None else order,
-            chunk_size=self.cfg.chunk_size,
+            chunk_size=self.chunk_size(inner_data),
         )
 
     def meta_gradient(
@@ -212,7 +233,7 @@ class MetaLearner:
         g_phi = vmap(grad(self.outer_loss))(path[-1], outer_data)
         order = self.cfg.num_steps if method == "maml" else None
         per_task = batched_meta_vjp(
-            self.inner_loss, path, inner_data, g_phi, **self._products(method, order)
+            self.inner_loss, path, inner_data, g_phi, **self._products(inner_data, method, order)
         )
         return {k: v.mean(0) for k, v in per_task.items()}
 
@@ -220,9 +241,10 @@ class MetaLearner:
         self, path: list[Params], inner_data: list, outer_data: dict, v: Params
     ) -> Params:
         """mean_t J_t^T F_{phi_K^t} J_t v (without damping)."""
-        jv = batched_meta_jvp(self.inner_loss, path, inner_data, v, **self._products())
-        fjv = vmap(self.fisher_product, chunk_size=self.cfg.chunk_size)(path[-1], outer_data, jv)
-        jtfjv = batched_meta_vjp(self.inner_loss, path, inner_data, fjv, **self._products())
+        products = self._products(inner_data)
+        jv = batched_meta_jvp(self.inner_loss, path, inner_data, v, **products)
+        fjv = vmap(self.fisher_product, chunk_size=products["chunk_size"])(path[-1], outer_data, jv)
+        jtfjv = batched_meta_vjp(self.inner_loss, path, inner_data, fjv, **products)
         return {k: x.mean(0) for k, x in jtfjv.items()}
 
     def _surrogate_and_kl(

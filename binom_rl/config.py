@@ -55,7 +55,7 @@ class Config:
     # meta-gradient estimator
     estimator: str = "binom"
     order: int = 1
-    chunk_size: int | None = None
+    chunk_size: int | str | None = None  # None: all at once; "auto": default_chunk_size
     diagnose_every: int = 0
     # run
     seed: int = 0
@@ -125,8 +125,13 @@ class Config:
                     f"order {self.order} > num-steps {self.num_steps}: {self.estimator} keeps at "
                     f"most num-steps Hessian factors (order = num-steps is already exact MAML)"
                 )
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"chunk-size must be >= 1 or null, got {self.chunk_size}")
+        if isinstance(self.chunk_size, str):
+            if self.chunk_size != "auto":
+                raise ConfigError(
+                    f"chunk-size must be an int >= 1, null or 'auto', got {self.chunk_size!r}"
+                )
+        elif self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"chunk-size must be >= 1, null or 'auto', got {self.chunk_size}")
         if self.diagnose_every < 0:
             raise ConfigError(f"diagnose-every must be >= 0, got {self.diagnose_every}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
@@ -157,6 +162,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} must not be null")
+    others = [a for a in args if a not in (type(None), expected)]
+    if any(isinstance(value, a) and not isinstance(value, bool) for a in others):
+        return value  # e.g. chunk-size: int | str | None accepts "auto"
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is list and isinstance(value, tuple):

@@ -38,6 +38,7 @@ where forward-mode AD lacks an op.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -97,6 +98,63 @@ def _axpy(a: float, x: Params, y: Params) -> Params:
 
 def _sum_dim(tree: Params, dim: int) -> Params:
     return {k: v.sum(dim) for k, v in tree.items()}
+
+
+# --------------------------------------------------------------------------- chunk size
+
+#: Fraction of the device's memory that :func:`default_chunk_size` lets one vmap chunk use.
+DEFAULT_MEMORY_FRACTION = 0.25
+
+
+def mlp_hvp_bytes(
+    samples: int, layer_widths: Sequence[int], dtype: torch.dtype = torch.float32
+) -> int:
+    """Rough memory of one forward-over-reverse HVP of a loss over ``samples`` inputs of an
+    MLP whose layers have ``layer_widths`` units (input, hidden..., output).
+
+    Per sample and unit, an HVP keeps about 8 tensors alive: pre-activation and activation,
+    their forward-mode tangents, and the backward pass' gradient with its tangent (plus
+    the activation's derivative); the factor 12 leaves room for temporaries.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(12 * samples * sum(layer_widths) * itemsize)
+
+
+def device_memory_bytes(device: str | torch.device) -> int:
+    """Total memory of ``device``: the GPU's on CUDA, physical RAM otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_chunk_size(
+    num_hvps: int,
+    bytes_per_hvp: int,
+    device: str | torch.device = "cpu",
+    *,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    memory_bytes: int | None = None,
+) -> int | None:
+    """The vmap ``chunk_size`` for a batch of ``num_hvps`` HVPs of ``bytes_per_hvp`` each.
+
+    None (all at once, fastest) when the whole batch fits in ``memory_fraction`` of the
+    device's memory (``memory_bytes``, default :func:`device_memory_bytes`); otherwise the
+    largest chunk that fits, at least 1. The same chunk size serves every product of a
+    meta-step: a batch smaller than the chunk runs in one piece.
+    """
+    if num_hvps < 1 or bytes_per_hvp < 1:
+        raise ValueError("num_hvps and bytes_per_hvp must be >= 1")
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    total = device_memory_bytes(device) if memory_bytes is None else memory_bytes
+    budget = memory_fraction * total
+    if num_hvps * bytes_per_hvp <= budget:
+        return None
+    return max(1, int(budget // bytes_per_hvp))
 
 
 # --------------------------------------------------------------------------- validation
@@ -276,6 +334,25 @@ def _sequential_product(
     return u
 
 
+def _select_steps(tree: Any, steps: Sequence[int]) -> Any:
+    """``tree[:, steps]`` for every leaf, without a host-to-device copy of an index tensor.
+
+    ``steps`` from :func:`_step_order` is a run of consecutive steps, ascending or
+    descending, so a slice (and a flip) selects it on any device without a host sync; other
+    lists fall back to an index tensor created on the data's device.
+    """
+    lo, hi = min(steps), max(steps)
+    if list(steps) == list(range(lo, hi + 1)):
+        return _index(tree, (slice(None), slice(lo, hi + 1)))
+    if list(steps) == list(range(hi, lo - 1, -1)):
+        return tree_map(lambda x: x[:, lo : hi + 1].flip(1), tree)
+
+    def pick(x: Tensor) -> Tensor:
+        return x[:, torch.tensor(list(steps), device=x.device)]
+
+    return tree_map(pick, tree)
+
+
 def _binomial_product(
     loss, path_stack, data_stack, v, steps, order, step_size, chunk_size, hvp_mode
 ) -> Params:
@@ -286,9 +363,8 @@ def _binomial_product(
     """
     n = len(steps)
     num_tasks = next(iter(v.values())).shape[0]
-    idx = torch.tensor(steps)
-    phis = _index(path_stack, (slice(None), idx))  # [T, n, ...] in product order
-    datas = _index(data_stack, (slice(None), idx))
+    phis = _select_steps(path_stack, steps)  # [T, n, ...] in product order
+    datas = _select_steps(data_stack, steps)
     result = v
     w: Params | None = None
     coeff = 1.0
