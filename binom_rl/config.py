@@ -182,7 +182,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+        detail = " ".join(str(err).split())  # PyYAML's message spans lines: keep one
+        raise ConfigError(f"config {path} is not valid YAML: {detail}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of keys to values")
     return raw
