@@ -9,6 +9,7 @@ Folder layout written by :func:`train`::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ CHECKPOINT_FILE = "policy.pt"
 def prepare_run(
     cfg: Config, output_folder: str | os.PathLike, *, resume: bool, overwrite: bool
 ) -> tuple[Config, dict[str, Any] | None]:
-    """Check the output folder before any work; on resume return the saved config and state.
+    """Check the output folder before any work; on resume also return the checkpoint state.
 
     Raises ConfigError (nothing is written) for a non-empty folder without --resume or
-    --overwrite, or for --resume without a checkpoint.
+    --overwrite, for --resume without a checkpoint, or for --resume with a ``cfg`` that
+    differs from the saved one in more than RESUMABLE_KEYS (e.g. a larger num-batches).
     """
     folder = Path(output_folder)
     if folder.exists() and not folder.is_dir():
@@ -44,7 +46,8 @@ def prepare_run(
         if not (folder / CHECKPOINT_FILE).is_file():
             raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
         state = load_checkpoint(folder / CHECKPOINT_FILE)
-        return Config.from_dict(state["config"]), state
+        _check_resumable(Config.from_dict(state["config"]), cfg)
+        return cfg, state
     if non_empty and not overwrite:
         raise ConfigError(
             f"output folder {folder} is not empty: pass --resume to continue the run in it "
@@ -53,10 +56,31 @@ def prepare_run(
     return cfg, None
 
 
+# Keys a resumed run may change; any other change would silently alter the run.
+RESUMABLE_KEYS = ("num_batches", "device", "num_workers", "diagnose_every", "chunk_size")
+
+
+def _check_resumable(saved: Config, cfg: Config) -> None:
+    """ConfigError unless ``cfg`` equals the checkpoint's config up to RESUMABLE_KEYS."""
+    changed = [
+        f"{f.name.replace('_', '-')} (saved {getattr(saved, f.name)!r}, "
+        f"given {getattr(cfg, f.name)!r})"
+        for f in dataclasses.fields(Config)
+        if f.name not in RESUMABLE_KEYS and getattr(saved, f.name) != getattr(cfg, f.name)
+    ]
+    if changed:
+        keys = ", ".join(k.replace("_", "-") for k in RESUMABLE_KEYS)
+        raise ConfigError(
+            f"--resume: {'; '.join(changed)} differ from the saved run; only {keys} may change"
+        )
+
+
 def resume_config(output_folder: str | os.PathLike, overrides: dict[str, Any]) -> Config:
     """The saved config of a run, with command-line overrides (e.g. a larger num-batches)."""
-    path = Path(output_folder) / CONFIG_FILE
-    raw = load_yaml(path)
+    folder = Path(output_folder)
+    if not (folder / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
+    raw = load_yaml(folder / CONFIG_FILE)
     raw.update(overrides)
     return Config.from_dict(raw)
 

@@ -1,0 +1,146 @@
+"""agents.training.train at tiny sizes: exact resume, files written, NaN handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from binom_rl.agents import maml_trpo
+from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, train
+from binom_rl.checkpoint import load_checkpoint
+from binom_rl.config import Config, ConfigError, load_yaml
+
+TINY = {
+    "env-name": "binom_rl/2DNavigation-v0",
+    "max-episode-steps": 10,
+    "hidden-sizes": [8],
+    "meta-batch-size": 3,
+    "fast-batch-size": 4,
+    "num-batches": 4,
+    "cg-iters": 3,
+    "seed": 7,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**overrides) -> Config:
+    raw = dict(TINY)
+    raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return Config.from_dict(raw)
+
+
+def _params(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder / CHECKPOINT_FILE)["params"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 4-iteration run (shared by the resume tests)."""
+    folder = tmp_path_factory.mktemp("straight")
+    metrics = train(_cfg(), folder, progress=False)
+    return folder, metrics
+
+
+def test_resume_equals_uninterrupted(straight_run, tmp_path):
+    straight, _ = straight_run
+    train(_cfg(), tmp_path, progress=False, stop_after=2)
+    assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["iteration"] == 2
+    train(_cfg(), tmp_path, resume=True, progress=False)
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert state["iteration"] == 4
+    expected = _params(straight)
+    for k, v in expected.items():
+        torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
+
+
+def test_resume_with_more_batches_continues(straight_run, tmp_path):
+    """A finished 2-iteration run resumed with num-batches 4 runs iterations 2 and 3 and
+    lands exactly where the straight 4-iteration run does."""
+    straight, _ = straight_run
+    train(_cfg(num_batches=2), tmp_path, progress=False)
+    metrics = train(_cfg(num_batches=4), tmp_path, resume=True, progress=False)
+    assert metrics, "the resumed run did not run any iteration"
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert state["iteration"] == 4
+    assert load_yaml(tmp_path / CONFIG_FILE)["num-batches"] == 4
+    for k, v in _params(straight).items():
+        torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_changed_hyperparameter(straight_run):
+    straight, _ = straight_run
+    before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir()}
+    with pytest.raises(ConfigError, match="fast-lr"):
+        train(_cfg(fast_lr=0.2), straight, resume=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
+
+
+def test_run_folder_contents(straight_run):
+    folder, metrics = straight_run
+    assert (folder / CONFIG_FILE).is_file()
+    assert Config.from_dict(load_yaml(folder / CONFIG_FILE)) == _cfg()
+    state = load_checkpoint(folder / CHECKPOINT_FILE)
+    assert state["iteration"] == 4
+    assert set(state["params"]) == set(MetaLearner(_cfg(), _FakeSampler()).init_params(0))
+    assert list(folder.glob("events.out.tfevents.*"))
+    assert metrics["returns/step_1"] == state["metrics"]["returns/step_1"]
+
+
+class _FakeSampler:
+    """Just the spaces a MetaLearner needs to build its policy."""
+
+    def __init__(self):
+        import gymnasium as gym
+
+        import binom_rl.envs  # noqa: F401  (registers the ids)
+
+        env = gym.make("binom_rl/2DNavigation-v0")
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+        env.close()
+
+
+def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    """NaN in the outer loss on the 2nd iteration: NonFiniteError naming where, and
+    policy.pt keeps the params of the 1st (last good) iteration."""
+    current = {"iteration": -1}
+    returned: list[dict] = []
+    orig_iteration, orig_outer = MetaLearner.meta_iteration, MetaLearner.outer_loss
+
+    def meta_iteration(self, params, iteration, diagnose=False):
+        current["iteration"] = iteration
+        new_params, metrics = orig_iteration(self, params, iteration, diagnose)
+        returned.append({k: v.detach().clone() for k, v in new_params.items()})
+        return new_params, metrics
+
+    def outer_loss(self, params, data):
+        loss = orig_outer(self, params, data)
+        return loss * float("nan") if current["iteration"] == 1 else loss
+
+    monkeypatch.setattr(MetaLearner, "meta_iteration", meta_iteration)
+    monkeypatch.setattr(MetaLearner, "outer_loss", outer_loss)
+    with pytest.raises(NonFiniteError, match="outer surrogate loss"):
+        train(_cfg(), tmp_path, progress=False)
+    assert len(returned) == 1
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert state["iteration"] == 1
+    for k, v in returned[0].items():
+        torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
+    assert all(torch.isfinite(v).all() for v in state["params"].values())
+    # loadable into a policy: one forward pass on an observation
+    learner = MetaLearner(_cfg(), _FakeSampler())
+    learner.policy.log_prob(state["params"], torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_check_finite_names_the_place():
+    with pytest.raises(NonFiniteError, match="meta-gradient"):
+        maml_trpo._check_finite("meta-gradient", {"w": torch.tensor([1.0, float("inf")])})

@@ -1,0 +1,242 @@
+"""scripts/train.py and scripts/evaluate.py at tiny sizes: files and TensorBoard tags,
+bad inputs (exit 2, one error line, nothing written), user envs via ``module:EnvId-v0``."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from binom_rl.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = ROOT / "tests" / "helpers"  # binom_rl_test_envs: PointGoal-v0, NoTasks-v0
+TINY = [
+    "--env-name", "binom_rl/2DNavigation-v0",
+    "--max-episode-steps", "10",
+    "--hidden-sizes", "[8]",
+    "--meta-batch-size", "3",
+    "--fast-batch-size", "4",
+    "--num-batches", "2",
+    "--cg-iters", "3",
+    "--torch-threads", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_cli_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cli = _load_script("train")
+evaluate_cli = _load_script("evaluate")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-iteration, 2-inner-step run through the CLI with the exact-gradient diagnostic."""
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    argv = [*TINY, "--num-steps", "2", "--order", "1", "--diagnose-every", "1"]
+    assert train_cli.main([*argv, "--output-folder", str(folder)]) == 0
+    return folder
+
+
+def test_run_folder_and_tensorboard_tags(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (finished_run / "config.yaml").is_file()
+    state = load_checkpoint(finished_run / "policy.pt")
+    assert state["iteration"] == 2
+    assert state["config"]["num-steps"] == 2
+    acc = EventAccumulator(str(finished_run))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {
+        "returns/step_0",
+        "returns/step_1",
+        "returns/step_2",
+        "metagrad/norm",
+        "metagrad/cosine_to_exact",
+        "train/kl",
+        "train/surrogate_improvement",
+        "time/sampling_s",
+        "time/meta_step_s",
+        "memory/peak_mb",
+    }
+    assert expected <= tags, expected - tags
+    for tag in expected:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 1]
+        assert all(np.isfinite(e.value) for e in events)
+    assert all(-1.0 <= e.value <= 1.0 + 1e-6 for e in acc.Scalars("metagrad/cosine_to_exact"))
+
+
+def test_evaluate_writes_results(finished_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    argv = ["--run", str(finished_run), "--num-steps", "2", "--meta-batch-size", "3"]
+    argv += ["--num-batches", "1", "--no-progress", "--output-folder", str(out)]
+    assert evaluate_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| steps | mean return | std. error |" in printed
+    for k in range(3):
+        assert f"\n| {k} | " in printed
+    with np.load(out / "results.npz") as results:
+        assert results["returns"].shape == (3, 3)  # tasks x (num_steps + 1)
+        assert results["mean"].shape == (3,)
+        assert np.isfinite(results["returns"]).all()
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"step", "mean_return", "stderr"}
+
+
+def test_non_empty_folder_refused(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert train_cli.main([*TINY, "--output-folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--resume" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_FLAGS = {
+    "wrong type": (["--fast-lr", "abc"], "fast-lr must be of type float"),
+    "wrong type int": (["--meta-batch-size", "2.5"], "meta-batch-size must be of type int"),
+    "zero learning rate": (["--fast-lr", "0"], "fast-lr must be > 0"),
+    "negative learning rate": (["--fast-lr", "-0.1"], "fast-lr must be > 0"),
+    "zero fast batch": (["--fast-batch-size", "0"], "fast-batch-size must be >= 1"),
+    "negative meta batch": (["--meta-batch-size", "-3"], "meta-batch-size must be >= 1"),
+    "zero max-kl": (["--max-kl", "0"], "max-kl must be > 0"),
+    "trunc order > steps": (
+        ["--estimator", "trunc", "--order", "2", "--num-steps", "1"],
+        "order 2 > num-steps 1",
+    ),
+    "binom order > steps": (
+        ["--estimator", "binom", "--order", "3", "--num-steps", "2"],
+        "order 3 > num-steps 2",
+    ),
+    "unknown estimator": (["--estimator", "sgd"], "estimator must be one of"),
+    "unknown env id": (["--env-name", "binom_rl/Nope-v0"], "binom_rl/HalfCheetahVel-v0"),
+    "env without task protocol": (
+        ["--env-name", "binom_rl_test_envs:NoTasks-v0"],
+        "missing sample_tasks, reset_task",
+    ),
+    "resume without checkpoint": (["--resume"], "no policy.pt"),
+}
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.syspath_prepend(str(HELPERS))
+    folder = tmp_path / "run"
+    assert train_cli.main([*TINY, *flags, "--output-folder", str(folder)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1, captured.err
+    assert err[0].startswith("error:") and message in err[0], err[0]
+    assert not folder.exists()
+
+
+def test_unknown_key_in_yaml_lists_valid_keys(tmp_path, capsys):
+    config = _yaml(tmp_path, "env-name: binom_rl/2DNavigation-v0\nfast-lrr: 0.1\n")
+    folder = tmp_path / "run"
+    assert train_cli.main([*TINY, "--config", config, "--output-folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "unknown config key 'fast-lrr'" in err[0]
+    assert "fast-lr, fast-batch-size" in err[0] and "meta-batch-size" in err[0]
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("fast-lr: [0.1]\n", "fast-lr must be of type float"),
+        ("hidden-sizes: [8, 0]\n", "hidden-sizes must be a list of positive ints"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("fast-lr: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_yaml(tmp_path, capsys, text, message):
+    config = _yaml(tmp_path, text)
+    folder = tmp_path / "run"
+    assert train_cli.main(["--config", config, "--output-folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not folder.exists()
+
+
+def test_unknown_flag_exits_2(tmp_path, capsys):
+    folder = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*TINY, "--fast-lrr", "0.1", "--output-folder", str(folder)])
+    assert exc.value.code == 2
+    assert "--fast-lrr" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not folder.exists()
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path):
+    """A fresh process: a user's env given as `module:EnvId-v0` trains 2 iterations;
+    one without the task protocol gets exit 2 and exactly one stderr line."""
+    good = tmp_path / "good"
+    proc = _run_cli(
+        [*TINY, "--env-name", "binom_rl_test_envs:PointGoal-v0", "--output-folder", str(good)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("done:")
+    state = load_checkpoint(good / "policy.pt")
+    assert state["iteration"] == 2
+    assert state["config"]["env-name"] == "binom_rl_test_envs:PointGoal-v0"
+
+    bad = tmp_path / "bad"
+    proc = _run_cli(
+        [*TINY, "--env-name", "binom_rl_test_envs:NoTasks-v0", "--output-folder", str(bad)],
+        tmp_path,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert err[0].startswith("error:") and "sample_tasks" in err[0]
+    assert not bad.exists()
