@@ -50,6 +50,7 @@ def _learner(samplers, env_name=NAV, **overrides) -> MetaLearner:
         "num-batches": 2,
         "num-steps": 1,
         "estimator": "maml",
+        "cg-iters": 5,
         "seed": 3,
     }
     raw.update(overrides)

@@ -240,3 +240,32 @@ def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path):
     assert len(err) == 1, proc.stderr
     assert err[0].startswith("error:") and "sample_tasks" in err[0]
     assert not bad.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert train_cli.main([*TINY, "--device", "cuda", "--output-folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuda" in err[0]
+    assert not folder.exists()
+
+
+def test_resume_flags(tmp_path, capsys):
+    """--resume --num-batches N continues a finished run (what compare.py does); changing
+    a hyper-parameter on --resume is refused without touching the folder."""
+    folder = tmp_path / "run"
+    base = [*TINY, "--output-folder", str(folder)]
+    assert train_cli.main([*base, "--num-batches", "1"]) == 0
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == 1
+    capsys.readouterr()
+
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    resume = ["--output-folder", str(folder), "--resume", "--no-progress", "--torch-threads", "1"]
+    assert train_cli.main([*resume, "--fast-lr", "0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fast-lr (saved 0.1, given 0.2)" in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+    assert train_cli.main([*resume, "--num-batches", "2"]) == 0
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == 2
