@@ -246,8 +246,11 @@ def _estimator_action(folder: Path, cfg: Config, num_tasks: int, eval_steps: int
 
 
 def _baseline_meta(name: str, cfg: Config, timesteps: int) -> dict[str, Any]:
+    """What a baseline result depends on (meta-training length and estimator do not count)."""
+    config = {k: v for k, v in cfg.to_dict().items()
+              if k not in ("num-batches", "estimator", "order")}
     return {"baseline": name, "timesteps": timesteps if name != "random" else 0,
-            "config": cfg.to_dict()}
+            "config": config}
 
 
 def _baseline_action(folder: Path, meta: dict[str, Any], num_tasks: int, eval_steps: int) -> str:
@@ -272,7 +275,9 @@ def plan_comparison(options: CompareOptions) -> Plan:
     ):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    probe = Config.from_dict(base)
+    # estimator and order are set per run: validate the rest with a neutral choice
+    neutral = {"estimator": "fomaml", "order": 0}
+    probe = Config.from_dict({**base, **neutral})
     estimators = parse_estimators(options.estimators, probe.num_steps)
     seeds = parse_seeds(options.seeds)
     baselines = parse_baselines(options.baselines)
@@ -310,7 +315,7 @@ def plan_comparison(options: CompareOptions) -> Plan:
             runs.append(RunPlan(spec.label, "estimator", seed, run_folder, cfg, action, per_run))
     for name in baselines:
         for seed in seeds:
-            cfg = Config.from_dict({**base, "seed": seed})
+            cfg = Config.from_dict({**base, **neutral, "seed": seed})
             run_folder = folder / f"{name}_seed{seed}"
             meta = _baseline_meta(name, cfg, timesteps)
             steps = 0 if name == "oracle" else options.eval_num_steps
