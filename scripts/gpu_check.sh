@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# One short GPU check of the CUDA path (issue 6), for a bare GPU machine with python3 +
+# torch (CUDA) but no gymnasium / MuJoCo / SB3: those come as wheels in .whl/ (made by
+# scripts/fetch_gpu_wheels.sh) and are installed offline into /tmp/site.
+#
+#   bash scripts/gpu_check.sh            # cwd = repo root; results in $OUT (or ./gpu_check_out)
+#
+# Steps, each under `timeout` (about 7 minutes at most in all):
+#   1. nvidia-smi, python / torch / CUDA versions
+#   2. pytest: tests/binom_rl/test_cuda.py, test_metagrad.py, test_chunk_size.py
+#   3. scripts/benchmark_metastep.py full size on cuda, with a time budget
+#   4. scripts/benchmark_metagrad.py --device cuda (quick sizes: cost + flatness tables)
+#   5. scripts/train.py on HalfCheetahDir, cuda, 16 workers, 3 meta-iterations; the
+#      time/sampling_s, time/meta_step_s and memory/peak_mb scalars from TensorBoard
+# Files in $OUT: gpu_check.log (everything), summary.md, benchmark_metastep.md,
+# benchmark_metagrad.md.
+# Without CUDA the GPU steps are skipped; GPU_CHECK_DEVICE=cpu runs them on the CPU at
+# tiny sizes instead (to test this script); PYTHON picks the interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_check.log
+SUMMARY=$OUT/summary.md
+export PYTHONUNBUFFERED=1
+: > "$LOG"
+echo "# GPU check summary" > "$SUMMARY"
+T0=$(date +%s)
+
+log() { echo "$@" | tee -a "$LOG"; }
+status() { echo "- $*" | tee -a "$SUMMARY" >> "$LOG"; }
+# step NAME SECONDS CMD...: run under timeout, output into the log, status into the summary
+step() {
+    local name=$1 limit=$2
+    shift 2
+    log ""
+    log "=== $name (limit ${limit}s) $(date +%T)"
+    local t=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local dt=$(($(date +%s) - t))
+    case $rc in
+        0) status "$name: ok (${dt}s)" ;;
+        124 | 137) status "$name: TIMED OUT after ${dt}s" ;;
+        *) status "$name: FAILED rc=$rc (${dt}s)" ;;
+    esac
+    return 0
+}
+
+# ---------------------------------------------------------------- 1. environment
+log "=== environment"
+(nvidia-smi || echo "nvidia-smi: not available") 2>&1 | tee -a "$LOG"
+
+# Python packages: wheels from .whl/ only where gymnasium or mujoco is missing.
+if ! "$PY" -c "import gymnasium, mujoco" >/dev/null 2>&1; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        log "installing .whl/*.whl into /tmp/site (offline)"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+            .whl/*.whl 2>&1 | grep -v "Running pip as" | tee -a "$LOG"
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        log "WARNING: gymnasium/mujoco missing and no .whl/ (run scripts/fetch_gpu_wheels.sh)"
+    fi
+fi
+# The package as installed: binom_rl with envs/ and agents/ inside (setup.cfg package_dir),
+# by symlinks, so the working tree's code runs without a build or install step.
+PKG=/tmp/binom_rl_pkg
+rm -rf "$PKG" && mkdir -p "$PKG/binom_rl"
+for f in "$REPO"/binom_rl/*; do ln -s "$f" "$PKG/binom_rl/"; done
+ln -s "$REPO/envs" "$PKG/binom_rl/envs"
+ln -s "$REPO/agents" "$PKG/binom_rl/agents"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PKG
+
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0))
+for name in ("gymnasium", "mujoco", "stable_baselines3", "tensorboard", "yaml", "binom_rl.agents"):
+    try:
+        mod = __import__(name, fromlist=["_"])
+        print(f"{name} {getattr(mod, '__version__', '')} from {mod.__file__}")
+    except Exception as err:
+        print(f"{name}: NOT IMPORTABLE ({err})")
+EOF
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    DEVICE=${GPU_CHECK_DEVICE:-cuda}
+else
+    DEVICE=${GPU_CHECK_DEVICE:-none}
+fi
+status "device for the GPU steps: $DEVICE"
+
+# ---------------------------------------------------------------- 2. tests
+step "pytest CUDA + metagrad" 110 "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/binom_rl/test_cuda.py tests/binom_rl/test_metagrad.py tests/binom_rl/test_chunk_size.py
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | tail -1 | sed 's/^/  pytest: /' >> "$SUMMARY"
+
+if [ "$DEVICE" = none ]; then
+    status "no CUDA device: benchmarks and the training run skipped"
+    log "total $(($(date +%s) - T0)) s"
+    exit 0
+fi
+if [ "$DEVICE" = cpu ]; then
+    SMALL_METASTEP=(--quick --ks 1 2 --chunk-k 2 --chunk-sizes none 4 --time-budget 30)
+    SMALL_TRAIN=(--meta-batch-size 2 --fast-batch-size 2 --max-episode-steps 20 --num-workers 2)
+    TRAIN_BATCHES=1
+else
+    SMALL_METASTEP=(--time-budget 120)
+    SMALL_TRAIN=(--num-workers 16)
+    TRAIN_BATCHES=3
+fi
+
+# ---------------------------------------------------------------- 3. meta-step benchmark
+step "benchmark_metastep ($DEVICE)" 180 "$PY" scripts/benchmark_metastep.py --device "$DEVICE" \
+    "${SMALL_METASTEP[@]}" --output "$OUT/benchmark_metastep.md"
+
+# ---------------------------------------------------------------- 4. metagrad benchmark
+step "benchmark_metagrad ($DEVICE)" 60 "$PY" scripts/benchmark_metagrad.py --device "$DEVICE" \
+    --quick --tables cost flatness --output-dir /tmp/metagrad_bench
+cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev/null || true
+
+# ---------------------------------------------------------------- 5. end-to-end training
+RUN=/tmp/gpu_check_run
+rm -rf "$RUN"
+if [ -f configs/half-cheetah-dir.yaml ]; then
+    TRAIN_CFG=(--config configs/half-cheetah-dir.yaml)
+else
+    TRAIN_CFG=(--env-name binom_rl/HalfCheetahDir-v0 --max-episode-steps 200)
+fi
+step "train HalfCheetahDir ($DEVICE, $TRAIN_BATCHES it)" 110 "$PY" scripts/train.py \
+    "${TRAIN_CFG[@]}" --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-batches "$TRAIN_BATCHES" \
+    --output-folder "$RUN" --no-progress
+"$PY" - "$RUN" <<'EOF' 2>&1 | tee -a "$LOG" >> "$SUMMARY"
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1])
+acc.Reload()
+tags = ["time/sampling_s", "time/meta_step_s", "memory/peak_mb", "returns/step_0", "train/kl"]
+print("\n| iteration | " + " | ".join(tags) + " |")
+print("|---" * (len(tags) + 1) + "|")
+scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in acc.Tags()["scalars"]}
+steps = sorted({s for v in scalars.values() for s in v})
+for s in steps:
+    print(f"| {s} | " + " | ".join(f"{scalars.get(t, {}).get(s, float('nan')):.4g}" for t in tags) + " |")
+if not steps:
+    print("(no TensorBoard scalars found)")
+EOF
+
+log ""
+log "total $(($(date +%s) - T0)) s"
+cat "$SUMMARY" >> "$LOG"
