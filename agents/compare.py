@@ -269,7 +269,7 @@ def plan_comparison(options: CompareOptions) -> Plan:
     base.update(options.overrides)
     for name, value, low in (
         ("--jobs", options.jobs, 1),
-        ("--eval-num-steps", options.eval_num_steps, 0),
+        ("--eval-num-steps", options.eval_num_steps, 1),
         ("--eval-meta-batch-size", options.eval_meta_batch_size, 1),
         ("--eval-num-batches", options.eval_num_batches, 1),
     ):
@@ -281,8 +281,6 @@ def plan_comparison(options: CompareOptions) -> Plan:
     estimators = parse_estimators(options.estimators, probe.num_steps)
     seeds = parse_seeds(options.seeds)
     baselines = parse_baselines(options.baselines)
-    if options.eval_num_steps < 1 and any(b in baselines for b in ("pretrained", "random")):
-        raise ConfigError("--eval-num-steps must be >= 1 to adapt the baselines")
     horizon = _env_horizon(probe)
     per_run = run_budget(probe, horizon)
     timesteps = options.baseline_timesteps
