@@ -94,16 +94,9 @@ else
 fi
 status "device for the GPU steps: $DEVICE"
 
-# ---------------------------------------------------------------- 2. tests
-step "pytest CUDA + metagrad" 110 "$PY" -m pytest -q -p no:cacheprovider -rs \
-    tests/binom_rl/test_cuda.py tests/binom_rl/test_metagrad.py tests/binom_rl/test_chunk_size.py
-grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | tail -1 | sed 's/^/  pytest: /' >> "$SUMMARY"
-
-if [ "$DEVICE" = none ]; then
-    status "no CUDA device: benchmarks and the training run skipped"
-    log "total $(($(date +%s) - T0)) s"
-    exit 0
-fi
+# ---------------------------------------------------------------- settings
+# GPU_CHECK_DEADLINE: seconds after the start by which everything must be over (default 500).
+DEADLINE=$((T0 + ${GPU_CHECK_DEADLINE:-500}))
 if [ "$DEVICE" = cpu ]; then
     SMALL_METASTEP=(--quick --ks 1 2 --chunk-k 2 --chunk-sizes none 4 --time-budget 30)
     SMALL_TRAIN=(--meta-batch-size 2 --fast-batch-size 2 --max-episode-steps 20 --num-workers 2)
@@ -114,16 +107,9 @@ else
     TRAIN_BATCHES=3
 fi
 
-# ---------------------------------------------------------------- 3. meta-step benchmark
-step "benchmark_metastep ($DEVICE)" 180 "$PY" scripts/benchmark_metastep.py --device "$DEVICE" \
-    "${SMALL_METASTEP[@]}" --output "$OUT/benchmark_metastep.md"
-
-# ---------------------------------------------------------------- 4. metagrad benchmark
-step "benchmark_metagrad ($DEVICE)" 60 "$PY" scripts/benchmark_metagrad.py --device "$DEVICE" \
-    --quick --tables cost flatness --output-dir /tmp/metagrad_bench
-cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev/null || true
-
-# ---------------------------------------------------------------- 5. end-to-end training
+if [ "$DEVICE" != none ]; then
+# ---------------------------------------------------------------- 2. end-to-end training
+# First, while all 16 cores are free: the sampler's workers need them.
 RUN=/tmp/gpu_check_run
 rm -rf "$RUN"
 if [ -f configs/half-cheetah-dir.yaml ]; then
@@ -149,6 +135,53 @@ for s in steps:
 if not steps:
     print("(no TensorBoard scalars found)")
 EOF
+
+fi
+
+# Optional CPU job on cores 4-15 while the GPU steps run pinned to cores 0-3 (they are
+# launch-bound, so they get cores of their own): GPU_CHECK_BACKGROUND is a shell command,
+# its output goes to $OUT/background.log; it is stopped at the deadline, then
+# GPU_CHECK_AFTER (e.g. packing its results into $OUT) runs.
+BG=""
+PIN=()
+if [ -n "${GPU_CHECK_BACKGROUND:-}" ] && [ "$(nproc)" -ge 8 ]; then
+    setsid bash -c "taskset -c 4-$(($(nproc) - 1)) bash -c \"$GPU_CHECK_BACKGROUND\"" \
+        > "$OUT/background.log" 2>&1 &
+    BG=$!
+    PIN=(taskset -c 0-3)
+    status "background job started (pid $BG) on cores 4-$(($(nproc) - 1))"
+fi
+
+# ---------------------------------------------------------------- 3. tests
+step "pytest CUDA + metagrad" 110 "${PIN[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/binom_rl/test_cuda.py tests/binom_rl/test_metagrad.py tests/binom_rl/test_chunk_size.py
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | tail -1 | sed 's/^/  pytest: /' >> "$SUMMARY"
+
+if [ "$DEVICE" = none ]; then
+    status "no CUDA device: benchmarks and the training run skipped"
+    log "total $(($(date +%s) - T0)) s"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- 4. meta-step benchmark
+step "benchmark_metastep ($DEVICE)" 180 "${PIN[@]}" "$PY" scripts/benchmark_metastep.py --device "$DEVICE" \
+    "${SMALL_METASTEP[@]}" --output "$OUT/benchmark_metastep.md"
+
+# ---------------------------------------------------------------- 5. metagrad benchmark
+step "benchmark_metagrad ($DEVICE)" 60 "${PIN[@]}" "$PY" scripts/benchmark_metagrad.py --device "$DEVICE" \
+    --quick --tables cost flatness --output-dir /tmp/metagrad_bench
+cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev/null || true
+
+if [ -n "$BG" ]; then
+    while kill -0 "$BG" 2>/dev/null && [ "$(date +%s)" -lt "$DEADLINE" ]; do sleep 5; done
+    if kill -0 "$BG" 2>/dev/null; then
+        status "background job stopped at the deadline"
+        kill -- -"$BG" 2>/dev/null; sleep 3; kill -9 -- -"$BG" 2>/dev/null
+    else
+        status "background job finished"
+    fi
+    [ -n "${GPU_CHECK_AFTER:-}" ] && bash -c "$GPU_CHECK_AFTER" 2>&1 | tee -a "$LOG"
+fi
 
 log ""
 log "total $(($(date +%s) - T0)) s"
