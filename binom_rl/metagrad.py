@@ -487,6 +487,26 @@ def batched_meta_jvp(
     )
 
 
+def _one_task(
+    batched: Callable[..., Params],
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    v: Params,
+    **kwargs: Any,
+) -> Params:
+    """Run a batched product on a single task (a task dimension of size 1)."""
+    _check_like(v, path[0], "v")
+    out = batched(
+        inner_loss,
+        [_unsqueeze(p) for p in path],
+        [_unsqueeze(d) for d in inner_data],
+        _unsqueeze(v),
+        **kwargs,
+    )
+    return _squeeze(out)
+
+
 def meta_vjp(
     inner_loss: LossFn,
     path: Sequence[Params],
@@ -500,19 +520,10 @@ def meta_vjp(
     hvp_mode: str = "auto",
 ) -> Params:
     """J^T v with J = d phi_K / d theta, estimated by ``method`` (see module docstring)."""
-    _check_like(v, path[0], "v")
-    out = batched_meta_vjp(
-        inner_loss,
-        [_unsqueeze(p) for p in path],
-        [_unsqueeze(d) for d in inner_data],
-        _unsqueeze(v),
-        step_size=step_size,
-        method=method,
-        order=order,
-        chunk_size=chunk_size,
-        hvp_mode=hvp_mode,
-    )
-    return _squeeze(out)
+    return _one_task(
+        batched_meta_vjp, inner_loss, path, inner_data, v, step_size=step_size,
+        method=method, order=order, chunk_size=chunk_size, hvp_mode=hvp_mode,
+    )  # fmt: skip
 
 
 def meta_jvp(
@@ -528,19 +539,10 @@ def meta_jvp(
     hvp_mode: str = "auto",
 ) -> Params:
     """J v (forward product), estimated by ``method``; needed by trust-region outer steps."""
-    _check_like(v, path[0], "v")
-    out = batched_meta_jvp(
-        inner_loss,
-        [_unsqueeze(p) for p in path],
-        [_unsqueeze(d) for d in inner_data],
-        _unsqueeze(v),
-        step_size=step_size,
-        method=method,
-        order=order,
-        chunk_size=chunk_size,
-        hvp_mode=hvp_mode,
-    )
-    return _squeeze(out)
+    return _one_task(
+        batched_meta_jvp, inner_loss, path, inner_data, v, step_size=step_size,
+        method=method, order=order, chunk_size=chunk_size, hvp_mode=hvp_mode,
+    )  # fmt: skip
 
 
 def batched_meta_gradient(
