@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_params, write_results
 from binom_rl.agents.maml_trpo import mean_and_stderr
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, read_scalars
 from binom_rl.checkpoint import atomic_write, load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml, save_config
 from binom_rl.metagrad import METHODS
@@ -107,9 +107,7 @@ def parse_estimators(text: str, num_steps: int) -> list[EstimatorSpec]:
             except ValueError as err:
                 raise ConfigError(f"--estimators: order of {item!r} is not an int") from err
             if not 0 <= order <= num_steps:
-                raise ConfigError(
-                    f"--estimators: {item} needs 0 <= L <= num-steps ({num_steps})"
-                )
+                raise ConfigError(f"--estimators: {item} needs 0 <= L <= num-steps ({num_steps})")
         elif order_text:
             raise ConfigError(f"--estimators: {name} takes no order, got {item!r}")
         spec = EstimatorSpec(name, order)
@@ -247,10 +245,10 @@ def _estimator_action(folder: Path, cfg: Config, num_tasks: int, eval_steps: int
 
 def _baseline_meta(name: str, cfg: Config, timesteps: int) -> dict[str, Any]:
     """What a baseline result depends on (meta-training length and estimator do not count)."""
-    config = {k: v for k, v in cfg.to_dict().items()
-              if k not in ("num-batches", "estimator", "order")}
-    return {"baseline": name, "timesteps": timesteps if name != "random" else 0,
-            "config": config}
+    config = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("num-batches", "estimator", "order")
+    }
+    return {"baseline": name, "timesteps": timesteps if name != "random" else 0, "config": config}
 
 
 def _baseline_action(folder: Path, meta: dict[str, Any], num_tasks: int, eval_steps: int) -> str:
@@ -318,9 +316,7 @@ def plan_comparison(options: CompareOptions) -> Plan:
             meta = _baseline_meta(name, cfg, timesteps)
             steps = 0 if name == "oracle" else options.eval_num_steps
             action = _baseline_action(run_folder, meta, num_tasks, steps)
-            runs.append(
-                RunPlan(name, "baseline", seed, run_folder, cfg, action, meta["timesteps"])
-            )
+            runs.append(RunPlan(name, "baseline", seed, run_folder, cfg, action, meta["timesteps"]))
     return Plan(options, folder, estimators, seeds, baselines, runs, horizon, timesteps)
 
 
@@ -485,18 +481,6 @@ class Row:
     curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
-def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
-    """TensorBoard scalars of a run folder: tag -> {step: value} (later events win)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {
-        tag: {int(e.step): float(e.value) for e in acc.Scalars(tag)}
-        for tag in acc.Tags().get("scalars", [])
-    }
-
-
 def _seed_stats(values: Sequence[float]) -> tuple[float, float]:
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -545,8 +529,13 @@ def aggregate(plan: Plan, exclude: set[str] | frozenset[str] = frozenset()) -> l
     rows: list[Row] = []
     labels = [s.label for s in plan.estimators] + plan.baselines
     for label in labels:
-        runs = [r for r in plan.runs if r.label == label and r.folder.name not in exclude
-                and (r.folder / "results.npz").is_file()]
+        runs = [
+            r
+            for r in plan.runs
+            if r.label == label
+            and r.folder.name not in exclude
+            and (r.folder / "results.npz").is_file()
+        ]
         if not runs:
             continue
         kind = runs[0].kind
@@ -567,12 +556,15 @@ def _fill_training_stats(row: Row, runs: list[RunPlan]) -> None:
         series = scalars[0].get(f"returns/step_{k}", {})
         last = [series[s] for s in sorted(series)[-FINAL_WINDOW:]]
         row.final_se = _seed_stats(last)[1]
-    row.sampling_s = float(np.mean([_mean_excluding_first(s.get("time/sampling_s", {}))
-                                    for s in scalars]))
-    row.meta_step_s = float(np.mean([_mean_excluding_first(s.get("time/meta_step_s", {}))
-                                     for s in scalars]))
-    row.peak_mb = float(np.mean([max(s.get("memory/peak_mb", {0: math.nan}).values())
-                                 for s in scalars]))
+    row.sampling_s = float(
+        np.mean([_mean_excluding_first(s.get("time/sampling_s", {})) for s in scalars])
+    )
+    row.meta_step_s = float(
+        np.mean([_mean_excluding_first(s.get("time/meta_step_s", {})) for s in scalars])
+    )
+    row.peak_mb = float(
+        np.mean([max(s.get("memory/peak_mb", {0: math.nan}).values()) for s in scalars])
+    )
     cosines = [v for s in scalars for v in s.get("metagrad/cosine_to_exact", {}).values()]
     row.cosine = float(np.mean(cosines)) if cosines else math.nan
     curves = [s.get(f"returns/step_{k}", {}) for s in scalars]
@@ -603,14 +595,24 @@ def format_summary(plan: Plan, rows: list[Row]) -> str:
     k = cfg.num_steps if cfg else 0
     head = ["method", "seeds", "env steps"]
     head += [f"{s} step{'s' if s != 1 else ''}" for s in range(n + 1)]
-    head += [f"final train return (step {k})", "sampling s/iter", "meta-step s/iter",
-             "peak MB", "cos to exact"]
+    head += [
+        f"final train return (step {k})",
+        "sampling s/iter",
+        "meta-step s/iter",
+        "peak MB",
+        "cos to exact",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.label, str(row.seeds), f"{row.env_steps:,}"]
         cells += [_fmt(m, s) for m, s in zip(row.adapt_mean, row.adapt_se, strict=True)]
-        cells += [_fmt(row.final_mean, row.final_se), _num(row.sampling_s),
-                  _num(row.meta_step_s), _num(row.peak_mb, 0), _num(row.cosine, 4)]
+        cells += [
+            _fmt(row.final_mean, row.final_se),
+            _num(row.sampling_s),
+            _num(row.meta_step_s),
+            _num(row.peak_mb, 0),
+            _num(row.cosine, 4),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     opts = plan.options
     tasks = opts.eval_meta_batch_size * opts.eval_num_batches
@@ -644,8 +646,14 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
     fields = ["method", "kind", "seeds", "env_steps"]
     for s in range(n + 1):
         fields += [f"return_step_{s}", f"return_step_{s}_se"]
-    fields += ["final_return", "final_return_se", "sampling_s", "meta_step_s", "peak_mb",
-               "cosine_to_exact"]
+    fields += [
+        "final_return",
+        "final_return_se",
+        "sampling_s",
+        "meta_step_s",
+        "peak_mb",
+        "cosine_to_exact",
+    ]
     with open(folder / "summary.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
@@ -653,8 +661,14 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
             values: list[Any] = [row.label, row.kind, row.seeds, row.env_steps]
             for m, s in zip(row.adapt_mean, row.adapt_se, strict=True):
                 values += [_num(m, 4), _num(s, 4)]
-            values += [_num(row.final_mean, 4), _num(row.final_se, 4), _num(row.sampling_s, 4),
-                       _num(row.meta_step_s, 4), _num(row.peak_mb, 1), _num(row.cosine, 6)]
+            values += [
+                _num(row.final_mean, 4),
+                _num(row.final_se, 4),
+                _num(row.sampling_s, 4),
+                _num(row.meta_step_s, 4),
+                _num(row.peak_mb, 1),
+                _num(row.cosine, 6),
+            ]
             writer.writerow(values)
     _plot(plan, rows)
 

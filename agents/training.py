@@ -176,3 +176,48 @@ def _loop(
         bar.close()
         writer.close()
     return metrics
+
+
+def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """TensorBoard scalars of a run folder: tag -> {step: value} (later events win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: {int(e.step): float(e.value) for e in acc.Scalars(tag)}
+        for tag in acc.Tags().get("scalars", [])
+    }
+
+
+def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """PNG of returns/step_0..K against the meta-iteration, read from the run's events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = read_scalars(folder)
+    tags = sorted(
+        (t for t in scalars if t.startswith("returns/step_")),
+        key=lambda t: int(t.rsplit("_", 1)[1]),
+    )
+    if not tags:
+        raise ConfigError(f"{folder} has no returns/step_* scalars: not a training run folder")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for tag in tags:
+        steps = sorted(scalars[tag])
+        ax.plot(
+            steps,
+            [scalars[tag][s] for s in steps],
+            label=f"after {tag.rsplit('_', 1)[1]} inner steps",
+        )
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("mean return of the sampled episodes")
+    ax.set_title(str(Path(folder).name))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages, ridge_solve
 
+from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages, ridge_solve
 from binom_rl.rl import discounted_returns, gae, normalize_advantages
 
 

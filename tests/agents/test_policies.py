@@ -4,13 +4,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from torch.distributions import Categorical, Independent, Normal
+
 from binom_rl.agents.policies import (
     CategoricalMLPPolicy,
     GaussianMLPPolicy,
     batched_sample,
     make_policy,
 )
-from torch.distributions import Categorical, Independent, Normal
 
 OBS_DIM, ACT_DIM, N_ACT = 3, 2, 4
 

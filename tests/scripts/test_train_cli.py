@@ -109,6 +109,16 @@ def test_evaluate_writes_results(finished_run, tmp_path, capsys):
     assert set(rows[0]) == {"step", "mean_return", "stderr"}
 
 
+def test_plot_run_writes_png_and_refuses_non_run(finished_run, tmp_path, capsys):
+    plot_cli = _load_script("plot_run")
+    out = tmp_path / "curves.png"
+    assert plot_cli.main(["--run", str(finished_run), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_cli.main(["--run", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_non_empty_folder_refused(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
