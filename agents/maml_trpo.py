@@ -224,6 +224,7 @@ class MetaLearner:
             method=method or self.cfg.estimator,
             order=self.cfg.order if order is None else order,
             chunk_size=self.chunk_size(inner_data),
+            hvp_mode=self.cfg.hvp_mode,
         )
 
     def meta_gradient(

@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from binom_rl.checkpoint import atomic_write
-from binom_rl.metagrad import METHODS
+from binom_rl.metagrad import HVP_MODES, METHODS
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,9 @@ class Config:
     estimator: str = "binom"
     order: int = 1
     chunk_size: int | str | None = None  # None: all at once; "auto": default_chunk_size
+    hvp_mode: str = (
+        "auto"  # Hessian-vector products: auto (fwdrev, revrev fallback), fwdrev, revrev
+    )
     diagnose_every: int = 0
     # run
     seed: int = 0
@@ -132,6 +135,10 @@ class Config:
                 )
         elif self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk-size must be >= 1, null or 'auto', got {self.chunk_size}")
+        if self.hvp_mode not in HVP_MODES:
+            raise ConfigError(
+                f"hvp-mode must be one of {', '.join(HVP_MODES)}, got {self.hvp_mode!r}"
+            )
         if self.diagnose_every < 0:
             raise ConfigError(f"diagnose-every must be >= 0, got {self.diagnose_every}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:

@@ -248,3 +248,15 @@ def test_fvp_subsample_runs(samplers):
     if metrics["train/ls_fraction"] > 0:
         assert metrics["train/kl"] <= learner.cfg.max_kl
         assert (flatten_params(new_params) != flatten_params(params)).any()
+
+
+def test_hvp_modes_give_the_same_trpo_step(samplers):
+    """Reverse-over-reverse HVPs (hvp-mode revrev) and forward-over-reverse ones agree."""
+    steps = []
+    for mode in ("fwdrev", "revrev"):
+        learner = _learner(samplers, estimator="binom", order=1, **{"hvp-mode": mode})
+        params, adaptation, _ = _adapted(learner)
+        new_params, metrics = learner.trpo_step(params, adaptation)
+        steps.append(flatten_params(new_params) - flatten_params(params))
+    assert steps[0].norm() > 0
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-6)

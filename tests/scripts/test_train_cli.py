@@ -153,6 +153,7 @@ BAD_FLAGS = {
         "order 3 > num-steps 2",
     ),
     "unknown estimator": (["--estimator", "sgd"], "estimator must be one of"),
+    "unknown hvp mode": (["--hvp-mode", "fast"], "hvp-mode must be one of"),
     "unknown env id": (["--env-name", "binom_rl/Nope-v0"], "binom_rl/HalfCheetahVel-v0"),
     "env without task protocol": (
         ["--env-name", "binom_rl_test_envs:NoTasks-v0"],
