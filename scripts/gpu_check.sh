@@ -64,14 +64,15 @@ if ! "$PY" -c "import gymnasium, mujoco" >/dev/null 2>&1; then
         log "WARNING: gymnasium/mujoco missing and no .whl/ (run scripts/fetch_gpu_wheels.sh)"
     fi
 fi
-# The package as installed: binom_rl with envs/ and agents/ inside (setup.cfg package_dir),
-# by symlinks, so the working tree's code runs without a build or install step.
-PKG=/tmp/binom_rl_pkg
-rm -rf "$PKG" && mkdir -p "$PKG/binom_rl"
-for f in "$REPO"/binom_rl/*; do ln -s "$f" "$PKG/binom_rl/"; done
-ln -s "$REPO/envs" "$PKG/binom_rl/envs"
-ln -s "$REPO/agents" "$PKG/binom_rl/agents"
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PKG
+# The package without installing it: envs/ and agents/ linked into binom_rl/ inside the
+# checkout (what setup.cfg's package_dir does). A separate folder of links on PYTHONPATH is
+# not enough: the checkout's own binom_rl/ shadows it in pytest and in sampler worker
+# processes (seen on the H200 machine, 2026-11-26).
+if ! "$PY" -c "import binom_rl.agents, binom_rl.envs" >/dev/null 2>&1; then
+    ln -sfn ../envs "$REPO/binom_rl/envs"
+    ln -sfn ../agents "$REPO/binom_rl/agents"
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$REPO
 
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import sys, torch
