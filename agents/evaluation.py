@@ -65,6 +65,7 @@ def evaluate_params(
         env_kwargs=cfg.env_kwargs,
         max_episode_steps=cfg.max_episode_steps,
         device=cfg.device,
+        rescale_actions=cfg.rescale_actions,
     ) as sampler:
         learner = MetaLearner(cfg, sampler)
         for batch in tqdm(range(num_batches), desc="evaluate", disable=not progress):

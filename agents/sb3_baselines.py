@@ -34,6 +34,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.wrappers import RescaleAction
 from torch import Tensor, nn
 
 from binom_rl.agents.maml_trpo import derive_seed
@@ -134,7 +135,11 @@ def make_baseline_env(cfg: Config, append_task: bool = False) -> TaskDistributio
     kwargs: dict[str, Any] = dict(cfg.env_kwargs)
     if cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
-    return TaskDistributionWrapper(gym.make(cfg.env_name, **kwargs), append_task=append_task)
+    env = gym.make(cfg.env_name, **kwargs)
+    if cfg.rescale_actions and isinstance(env.action_space, spaces.Box):
+        # PPO then acts in [-1, 1] like our policies (the sampler's rescale_actions)
+        env = RescaleAction(env, -1.0, 1.0)
+    return TaskDistributionWrapper(env, append_task=append_task)
 
 
 def sb3_policy_kwargs(cfg: Config) -> dict[str, Any]:
@@ -263,6 +268,7 @@ def evaluate_oracle(
         num_workers=cfg.num_workers,
         env_kwargs=cfg.env_kwargs,
         max_episode_steps=cfg.max_episode_steps,
+        rescale_actions=cfg.rescale_actions,
     ) as sampler:
         probe = sampler.sample_tasks(1, seed=0)[0]
         policy = policy_for(cfg, extra_obs=task_features(probe).size)

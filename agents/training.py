@@ -110,6 +110,7 @@ def train(
         env_kwargs=cfg.env_kwargs,
         max_episode_steps=cfg.max_episode_steps,
         device=device,
+        rescale_actions=cfg.rescale_actions,
     )
     try:
         learner = MetaLearner(cfg, sampler)

@@ -52,6 +52,10 @@ class Config:
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     nonlinearity: str = "tanh"
     init_std: float = 1.0
+    # The policy acts in [-1, 1] per dimension and the sampler maps that affinely onto the
+    # env's Box bounds, as rllab's normalize() did for every task in the MAML paper.
+    # Identity for bounds [-1, 1] (all MuJoCo tasks here); 2D navigation's are +-0.1.
+    rescale_actions: bool = True
     # meta-gradient estimator
     estimator: str = "binom"
     order: int = 1
@@ -176,6 +180,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return float(value)
     if expected is list and isinstance(value, tuple):
         value = list(value)
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{key} must be of type {base}, got {value!r} ({type(value).__name__})")
     return value

@@ -224,6 +224,7 @@ class MultiTaskSampler:
         env_kwargs: dict | None = None,
         max_episode_steps: int | None = None,
         device: str | torch.device = "cpu",
+        rescale_actions: bool = False,
     ):
         self._workers: list = []
         self._closed = True  # until workers exist, close() has nothing to do
@@ -247,6 +248,18 @@ class MultiTaskSampler:
             self._act_shape = self.action_space.shape
         else:
             raise ValueError(f"action space must be Discrete or a 1-D Box, got {self.action_space}")
+        # rescale_actions: env action = low + (a + 1) (high - low) / 2 for policy actions a,
+        # rllab's normalize() (MAML paper). Applied here to the [N, act_dim] batch, once per
+        # step, because the batched envs cannot be wrapped in gymnasium's RescaleAction.
+        self._action_scale: tuple[np.ndarray, np.ndarray] | None = None
+        if rescale_actions and self._act_shape:
+            low, high = self.action_space.low, self.action_space.high
+            if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+                raise ValueError(
+                    f"rescale_actions needs finite action bounds, {env_id} has {self.action_space}"
+                )
+            if not (low == -1).all() or not (high == 1).all():
+                self._action_scale = ((high - low) / 2, (high + low) / 2)
         if max_episode_steps is not None and max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         horizon = max_episode_steps or self.env_spec.max_episode_steps
@@ -324,6 +337,9 @@ class MultiTaskSampler:
                 obs_steps.append(obs_t)
                 act_steps.append(actions)
                 act_np = actions.reshape(N, *self._act_shape).cpu().numpy()  # one copy back
+                if self._action_scale is not None:
+                    scale, offset = self._action_scale
+                    act_np = (act_np * scale + offset).astype(act_np.dtype)
                 pending = True
                 for w, lo, hi in slices:
                     w.send("step", act_np[lo:hi])

@@ -4,6 +4,7 @@ import os
 import signal
 import textwrap
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -101,6 +102,30 @@ def test_navigation_shapes_and_rewards_by_hand():
     np.testing.assert_allclose(ep.observations[1:].numpy(), positions[:-1], atol=1e-6)
     assert torch.all(ep.observations[0] == 0)
     torch.testing.assert_close(ep.returns, ep.rewards.sum(0))
+
+
+def test_rescale_actions_maps_unit_box_onto_env_bounds():
+    def half(obs, generator):
+        return torch.full((*obs.shape[:2], 2), 0.5)
+
+    with MultiTaskSampler(NAV, max_episode_steps=3, rescale_actions=True) as sampler:
+        tasks = sampler.sample_tasks(2, seed=0)
+        scaled = sampler.sample(tasks, half, 2, seed=1)
+    with MultiTaskSampler(NAV, max_episode_steps=3) as sampler:
+        raw = sampler.sample(tasks, half, 2, seed=1)
+    # the policy's 0.5 in [-1, 1] is 0.05 in [-0.1, 0.1]; without rescaling it is clipped to 0.1
+    torch.testing.assert_close(scaled.observations[1:], torch.full((2, 2, 2, 2), 0.05) *
+                               torch.arange(1, 3).view(2, 1, 1, 1))
+    torch.testing.assert_close(raw.observations[1], torch.full((2, 2, 2), 0.1))
+    assert torch.all(scaled.actions == 0.5)  # episodes keep the policy's own actions
+
+
+def test_rescale_actions_needs_finite_bounds_and_ignores_discrete(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
+    with pytest.raises(ValueError, match="finite action bounds"):
+        MultiTaskSampler("binom_rl_test_envs:UnboundedActions-v0", rescale_actions=True)
+    with MultiTaskSampler("binom_rl/Bandit-v0", rescale_actions=True) as sampler:
+        assert sampler.sample_tasks(1, seed=0)
 
 
 def test_same_seed_same_episodes_and_seeds_matter():

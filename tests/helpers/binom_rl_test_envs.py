@@ -1,5 +1,6 @@
 """User-code task envs for the `module:EnvId-v0` tests: importing this module registers
-``PointGoal-v0`` (implements the MAML-RL task protocol) and ``NoTasks-v0`` (does not).
+``PointGoal-v0`` (implements the MAML-RL task protocol), ``NoTasks-v0`` (does not) and
+``UnboundedActions-v0`` (an infinite action Box, which cannot be rescaled).
 
 Run with this folder on sys.path / PYTHONPATH: ``binom_rl_test_envs:PointGoal-v0``.
 """
@@ -44,6 +45,18 @@ class NoTasksEnv(PointGoalEnv):
     reset_task = None
 
 
-for _id, _cls in (("PointGoal-v0", PointGoalEnv), ("NoTasks-v0", NoTasksEnv)):
+class UnboundedActionsEnv(PointGoalEnv):
+    """The same dynamics with an unbounded action Box."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+
+
+for _id, _cls in (
+    ("PointGoal-v0", PointGoalEnv),
+    ("NoTasks-v0", NoTasksEnv),
+    ("UnboundedActions-v0", UnboundedActionsEnv),
+):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls, max_episode_steps=10)

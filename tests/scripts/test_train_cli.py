@@ -139,6 +139,7 @@ def _yaml(tmp_path: Path, text: str) -> str:
 BAD_FLAGS = {
     "wrong type": (["--fast-lr", "abc"], "fast-lr must be of type float"),
     "wrong type int": (["--meta-batch-size", "2.5"], "meta-batch-size must be of type int"),
+    "non-bool flag": (["--rescale-actions", "1"], "rescale-actions must be true or false"),
     "zero learning rate": (["--fast-lr", "0"], "fast-lr must be > 0"),
     "negative learning rate": (["--fast-lr", "-0.1"], "fast-lr must be > 0"),
     "zero fast batch": (["--fast-batch-size", "0"], "fast-batch-size must be >= 1"),
