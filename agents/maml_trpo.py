@@ -71,10 +71,17 @@ def _check_finite(where: str, *tensors: Tensor | dict) -> None:
 
 
 def _every_nth_episode(data: dict[str, Any], n: int) -> dict[str, Any]:
-    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (params untouched)."""
+    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (params untouched).
+
+    The kept episodes are copied into contiguous tensors once, so that the ~20 products
+    of a conjugate-gradient solve do not work on strided views.
+    """
     if n == 1:
         return data
-    return {k: v if isinstance(v, dict) or v.dim() < 3 else v[:, :, ::n] for k, v in data.items()}
+    return {
+        k: v if isinstance(v, dict) or v.dim() < 3 else v[:, :, ::n].contiguous()
+        for k, v in data.items()
+    }
 
 
 def _task_major(x: Tensor) -> Tensor:
@@ -271,7 +278,9 @@ class MetaLearner:
             )
         valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
 
-        loss_before = vmap(self.outer_loss)(phi_k, valid).mean()
+        # At phi_K itself the ratio is exactly 1 (old_log_prob is this very log-prob), so
+        # the surrogate is -mean(A): no forward pass needed.
+        loss_before = vmap(lambda d: -masked_mean(d["advantages"], d["mask"]))(valid).mean()
         _check_finite("outer surrogate loss", loss_before)
         g = self.meta_gradient(path, inner_data, valid)
         _check_finite("meta-gradient", g)

@@ -138,7 +138,8 @@ def make_baseline_env(cfg: Config, append_task: bool = False) -> TaskDistributio
     env = gym.make(cfg.env_name, **kwargs)
     if cfg.rescale_actions and isinstance(env.action_space, spaces.Box):
         # PPO then acts in [-1, 1] like our policies (the sampler's rescale_actions)
-        env = RescaleAction(env, -1.0, 1.0)
+        ones = np.ones(env.action_space.shape, dtype=env.action_space.dtype)
+        env = RescaleAction(env, -ones, ones)
     return TaskDistributionWrapper(env, append_task=append_task)
 
 

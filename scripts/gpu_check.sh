@@ -10,7 +10,8 @@
 #   2. pytest: tests/binom_rl/test_cuda.py, test_metagrad.py, test_chunk_size.py
 #   3. scripts/benchmark_metastep.py full size on cuda, with a time budget
 #   4. scripts/benchmark_metagrad.py --device cuda (quick sizes: cost + flatness tables)
-#   5. scripts/train.py on HalfCheetahDir, cuda, 16 workers, 3 meta-iterations; the
+#   5. scripts/train.py on HalfCheetahDir, cuda, 3 meta-iterations with 16 worker processes
+#      and again with 1 (in-process rollout thread pool over all cores); the
 #      time/sampling_s, time/meta_step_s and memory/peak_mb scalars from TensorBoard
 # Files in $OUT: gpu_check.log (everything), summary.md, benchmark_metastep.md,
 # benchmark_metagrad.md.
@@ -100,11 +101,13 @@ status "device for the GPU steps: $DEVICE"
 DEADLINE=$((T0 + ${GPU_CHECK_DEADLINE:-500}))
 if [ "$DEVICE" = cpu ]; then
     SMALL_METASTEP=(--quick --ks 1 2 --chunk-k 2 --chunk-sizes none 4 --time-budget 30)
-    SMALL_TRAIN=(--meta-batch-size 2 --fast-batch-size 2 --max-episode-steps 20 --num-workers 2)
+    SMALL_TRAIN=(--meta-batch-size 2 --fast-batch-size 2 --max-episode-steps 20)
+    E2E_WORKERS=(2)
     TRAIN_BATCHES=1
 else
     SMALL_METASTEP=(--time-budget 120)
-    SMALL_TRAIN=(--num-workers 16)
+    SMALL_TRAIN=()
+    E2E_WORKERS=(16 1)
     TRAIN_BATCHES=3
 fi
 
@@ -112,22 +115,26 @@ if [ "$DEVICE" != none ]; then
 # ---------------------------------------------------------------- 2. end-to-end training
 # First, while all 16 cores are free: the sampler's workers need them.
 RUN=/tmp/gpu_check_run
-rm -rf "$RUN"
 if [ -f configs/half-cheetah-dir.yaml ]; then
     TRAIN_CFG=(--config configs/half-cheetah-dir.yaml)
 else
     TRAIN_CFG=(--env-name binom_rl/HalfCheetahDir-v0 --max-episode-steps 200)
 fi
-step "train HalfCheetahDir ($DEVICE, $TRAIN_BATCHES it)" 110 "$PY" scripts/train.py \
-    "${TRAIN_CFG[@]}" --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-batches "$TRAIN_BATCHES" \
+# Twice: worker processes (--num-workers 16), then one in-process batch env whose
+# mujoco.rollout thread pool uses every core (--num-workers 1): which is faster end to end
+# on this host has not been measured yet.
+for WORKERS in "${E2E_WORKERS[@]}"; do
+rm -rf "$RUN"
+step "train HalfCheetahDir ($DEVICE, $TRAIN_BATCHES it, $WORKERS workers)" 110 "$PY" scripts/train.py \
+    "${TRAIN_CFG[@]}" --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-workers "$WORKERS" --num-batches "$TRAIN_BATCHES" \
     --output-folder "$RUN" --no-progress
-"$PY" - "$RUN" <<'EOF' 2>&1 | tee -a "$LOG" >> "$SUMMARY"
+"$PY" - "$RUN" "$WORKERS" <<'EOF' 2>&1 | tee -a "$LOG" >> "$SUMMARY"
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 acc = EventAccumulator(sys.argv[1])
 acc.Reload()
 tags = ["time/sampling_s", "time/meta_step_s", "memory/peak_mb", "returns/step_0", "train/kl"]
-print("\n| iteration | " + " | ".join(tags) + " |")
+print(f"\n{sys.argv[2]} workers:\n\n| iteration | " + " | ".join(tags) + " |")
 print("|---" * (len(tags) + 1) + "|")
 scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in acc.Tags()["scalars"]}
 steps = sorted({s for v in scalars.values() for s in v})
@@ -136,6 +143,7 @@ for s in steps:
 if not steps:
     print("(no TensorBoard scalars found)")
 EOF
+done
 
 fi
 
