@@ -95,3 +95,14 @@ def test_train_ppo_and_evaluate_oracle_shapes(tmp_path):
     assert returns.shape == (6, 1) and np.isfinite(returns).all()
     again = evaluate_oracle(cfg, model, meta_batch_size=3, num_batches=2, seed=7)
     np.testing.assert_array_equal(returns, again)
+
+
+@pytest.mark.parametrize("rescale, bound, moved", [(True, 1.0, 0.05), (False, 0.1, 0.1)])
+def test_baseline_env_rescales_actions_like_the_sampler(rescale, bound, moved):
+    env = make_baseline_env(Config.from_dict({**NAV, "rescale-actions": rescale}))
+    np.testing.assert_array_equal(env.action_space.low, np.float32([-bound, -bound]))
+    np.testing.assert_array_equal(env.action_space.high, np.float32([bound, bound]))
+    env.reset(seed=0)
+    obs, *_ = env.step(np.full(2, 0.5, dtype=np.float32))
+    # PPO's 0.5 is the env's 0.05 when rescaled (as our sampler does), clipped to 0.1 if not
+    np.testing.assert_allclose(obs, [moved, moved], rtol=1e-6)

@@ -144,3 +144,21 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 def test_check_finite_names_the_place():
     with pytest.raises(NonFiniteError, match="meta-gradient"):
         maml_trpo._check_finite("meta-gradient", {"w": torch.tensor([1.0, float("inf")])})
+
+
+def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch):
+    seen = []
+    original = maml_trpo.MetaLearner.__init__
+
+    def spy(self, cfg, sampler, policy=None):
+        seen.append(sampler._action_scale)
+        original(self, cfg, sampler, policy)
+
+    monkeypatch.setattr(maml_trpo.MetaLearner, "__init__", spy)
+    train(_cfg(num_batches=1), tmp_path / "on", progress=False)
+    train(_cfg(num_batches=1, rescale_actions=False), tmp_path / "off", progress=False)
+    scale, offset = seen[0]  # 2D navigation: [-1, 1] -> [-0.1, 0.1]
+    torch.testing.assert_close(torch.as_tensor(scale), torch.full((2,), 0.1))
+    torch.testing.assert_close(torch.as_tensor(offset), torch.zeros(2))
+    assert seen[1] is None
+    assert load_yaml(tmp_path / "on" / CONFIG_FILE)["rescale-actions"] is True
