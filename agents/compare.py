@@ -225,7 +225,7 @@ def _estimator_action(folder: Path, cfg: Config, num_tasks: int, eval_steps: int
         return "train"
     if not (folder / CHECKPOINT_FILE).is_file():
         return "overwrite"  # crashed before its first checkpoint
-    saved = Config.from_dict(load_yaml(folder / CONFIG_FILE)).to_dict()
+    saved = Config.from_saved(load_yaml(folder / CONFIG_FILE)).to_dict()
     wanted = cfg.to_dict()
     diff = [k for k in wanted if k != "num-batches" and saved.get(k) != wanted[k]]
     if diff:

@@ -31,7 +31,7 @@ def load_run(run: str | os.PathLike, device: str | None = None) -> tuple[Config,
     folder = Path(run)
     if not (folder / CHECKPOINT_FILE).is_file():
         raise ConfigError(f"{folder} has no {CHECKPOINT_FILE}: not a training run folder")
-    cfg = Config.from_dict(load_yaml(folder / CONFIG_FILE))
+    cfg = Config.from_saved(load_yaml(folder / CONFIG_FILE))
     if device is not None:
         cfg.device = device
     state = load_checkpoint(folder / CHECKPOINT_FILE)

@@ -277,6 +277,7 @@ class MetaLearner:
                 phi_k, valid["obs"], valid["actions"]
             )
         valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
+        _check_finite("log-probabilities of the validation episodes", valid["old_log_prob"])
 
         # At phi_K itself the ratio is exactly 1 (old_log_prob is this very log-prob), so
         # the surrogate is -mean(A): no forward pass needed.

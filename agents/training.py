@@ -46,7 +46,7 @@ def prepare_run(
         if not (folder / CHECKPOINT_FILE).is_file():
             raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
         state = load_checkpoint(folder / CHECKPOINT_FILE)
-        _check_resumable(Config.from_dict(state["config"]), cfg)
+        _check_resumable(Config.from_saved(state["config"]), cfg)
         return cfg, state
     if non_empty and not overwrite:
         raise ConfigError(
@@ -82,7 +82,7 @@ def resume_config(output_folder: str | os.PathLike, overrides: dict[str, Any]) -
         raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
     raw = load_yaml(folder / CONFIG_FILE)
     raw.update(overrides)
-    return Config.from_dict(raw)
+    return Config.from_saved(raw)
 
 
 def train(

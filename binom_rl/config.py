@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line before any work is done."""
 
 
+# Keys added after runs were first saved, with the behaviour those runs had.
+SAVED_RUN_DEFAULTS: dict[str, Any] = {"rescale-actions": False}
+
+
 @dataclass
 class Config:
     """Hyper-parameters of one meta-training run (defaults: the MAML-RL paper's)."""
@@ -94,6 +98,14 @@ class Config:
         cfg = cls(**values)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def from_saved(cls, raw: dict[str, Any]) -> Config:
+        """A run folder's saved config. Keys added after the run was written get the value
+        that reproduces what the run did (e.g. no action rescaling), not today's default."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw)}")
+        return cls.from_dict({**SAVED_RUN_DEFAULTS, **raw})
 
     def validate(self) -> None:
         """Value checks (types are checked in from_dict)."""

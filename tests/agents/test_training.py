@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from binom_rl.agents import maml_trpo
 from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError
@@ -110,7 +111,8 @@ class _FakeSampler:
 
 
 def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-    """NaN in the outer loss on the 2nd iteration: NonFiniteError naming where, and
+    """NaN in the outer loss on the 2nd iteration: NonFiniteError naming where it
+    surfaces first (the meta-gradient, i.e. the outer loss' gradient), and
     policy.pt keeps the params of the 1st (last good) iteration."""
     current = {"iteration": -1}
     returned: list[dict] = []
@@ -128,7 +130,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MetaLearner, "meta_iteration", meta_iteration)
     monkeypatch.setattr(MetaLearner, "outer_loss", outer_loss)
-    with pytest.raises(NonFiniteError, match="outer surrogate loss"):
+    with pytest.raises(NonFiniteError, match="meta-gradient"):
         train(_cfg(), tmp_path, progress=False)
     assert len(returned) == 1
     state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
@@ -162,3 +164,19 @@ def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.as_tensor(offset), torch.zeros(2))
     assert seen[1] is None
     assert load_yaml(tmp_path / "on" / CONFIG_FILE)["rescale-actions"] is True
+
+
+def test_runs_saved_before_rescale_actions_load_without_it(straight_run, tmp_path):
+    from binom_rl.agents.evaluation import load_run
+
+    folder, _ = straight_run
+    old = tmp_path / "old-run"
+    old.mkdir()
+    raw = load_yaml(folder / CONFIG_FILE)
+    assert raw.pop("rescale-actions") is True
+    (old / CONFIG_FILE).write_text(yaml.safe_dump(raw))
+    (old / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
+    cfg, _ = load_run(old)
+    assert cfg.rescale_actions is False  # what that run did, not today's default
+    assert load_run(folder)[0].rescale_actions is True
+    assert Config.from_dict(raw).rescale_actions is True
