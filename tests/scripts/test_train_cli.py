@@ -281,3 +281,13 @@ def test_resume_flags(tmp_path, capsys):
 
     assert train_cli.main([*resume, "--num-batches", "2"]) == 0
     assert load_checkpoint(folder / "policy.pt")["iteration"] == 2
+
+
+def test_profile_iteration_cli(capsys):
+    script = _load_script("profile_iteration")
+    tiny = [a for a in TINY if a not in ("--no-progress",)]
+    assert script.main([*tiny, "--iterations", "2", "--skip", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| meta-gradient |" in out and "| total |" in out
+    assert script.main([*tiny, "--iterations", "1", "--skip", "1"]) == 2
+    assert "must exceed skip" in capsys.readouterr().err
