@@ -59,14 +59,7 @@ def evaluate_params(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     seed = cfg.seed + TEST_SEED_OFFSET if seed is None else seed
     rows = []
-    with MultiTaskSampler(
-        cfg.env_name,
-        num_workers=cfg.num_workers,
-        env_kwargs=cfg.env_kwargs,
-        max_episode_steps=cfg.max_episode_steps,
-        device=cfg.device,
-        rescale_actions=cfg.rescale_actions,
-    ) as sampler:
+    with MultiTaskSampler.from_config(cfg) as sampler:
         learner = MetaLearner(cfg, sampler)
         for batch in tqdm(range(num_batches), desc="evaluate", disable=not progress):
             tasks = sampler.sample_tasks(meta_batch_size, seed=derive_seed(seed, batch, 0))

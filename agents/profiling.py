@@ -40,14 +40,7 @@ def profile_iterations(
     if num_iterations <= skip:
         raise ValueError(f"num_iterations ({num_iterations}) must exceed skip ({skip})")
     device = torch.device(cfg.device)
-    with MultiTaskSampler(
-        cfg.env_name,
-        num_workers=cfg.num_workers,
-        env_kwargs=cfg.env_kwargs,
-        max_episode_steps=cfg.max_episode_steps,
-        device=device,
-        rescale_actions=cfg.rescale_actions,
-    ) as sampler:
+    with MultiTaskSampler.from_config(cfg, device) as sampler:
         learner = MetaLearner(cfg, sampler)
         spent: dict[str, float] = {}
         for phase, method in PHASES.items():

@@ -264,13 +264,7 @@ def evaluate_oracle(
     :func:`~binom_rl.agents.evaluation.evaluate_params` with the same ``seed`` (its step-0
     sample), stochastic actions drawn from the converted policy on ``[obs, task features]``.
     """
-    with MultiTaskSampler(
-        cfg.env_name,
-        num_workers=cfg.num_workers,
-        env_kwargs=cfg.env_kwargs,
-        max_episode_steps=cfg.max_episode_steps,
-        rescale_actions=cfg.rescale_actions,
-    ) as sampler:
+    with MultiTaskSampler.from_config(cfg, device="cpu") as sampler:
         probe = sampler.sample_tasks(1, seed=0)[0]
         policy = policy_for(cfg, extra_obs=task_features(probe).size)
         params = sb3_to_params(model, policy)

@@ -104,14 +104,7 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
     # The sampler validates the env id and its task protocol before anything is written.
-    sampler = MultiTaskSampler(
-        cfg.env_name,
-        num_workers=cfg.num_workers,
-        env_kwargs=cfg.env_kwargs,
-        max_episode_steps=cfg.max_episode_steps,
-        device=device,
-        rescale_actions=cfg.rescale_actions,
-    )
+    sampler = MultiTaskSampler.from_config(cfg, device)
     try:
         learner = MetaLearner(cfg, sampler)
         if state is None:

@@ -17,7 +17,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -27,6 +27,9 @@ from gymnasium.envs.registration import EnvSpec
 
 from binom_rl.envs import registered_ids
 from binom_rl.envs.batch import BatchEnv, check_task_protocol, make_batch_env
+
+if TYPE_CHECKING:
+    from binom_rl.config import Config
 
 ActFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -279,6 +282,21 @@ class MultiTaskSampler:
         except BaseException:  # do not leak the workers already started
             self.close()
             raise
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, device: str | torch.device | None = None
+    ) -> MultiTaskSampler:
+        """The sampler a run's config describes (env, kwargs, horizon, workers, action
+        rescaling), on ``device`` (default ``cfg.device``)."""
+        return cls(
+            cfg.env_name,
+            num_workers=cfg.num_workers,
+            env_kwargs=cfg.env_kwargs,
+            max_episode_steps=cfg.max_episode_steps,
+            device=cfg.device if device is None else device,
+            rescale_actions=cfg.rescale_actions,
+        )
 
     def sample_tasks(self, num_tasks: int, seed: int) -> list[dict]:
         """num_tasks tasks from the env's task distribution; the same seed gives the same tasks."""
