@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,18 +30,19 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
 from binom_rl.agents.policies import Policy, batched_sample, make_policy
 from binom_rl.config import Config
 from binom_rl.metagrad import (
+    MetaProducts,
     Params,
     batched_adapt,
     batched_inner_step,
-    batched_meta_jvp,
-    batched_meta_vjp,
     default_chunk_size,
     mlp_hvp_bytes,
+    prepare_meta_products,
 )
 from binom_rl.rl import (
     conjugate_gradient,
@@ -78,10 +79,7 @@ def _every_nth_episode(data: dict[str, Any], n: int) -> dict[str, Any]:
     """
     if n == 1:
         return data
-    return {
-        k: v if isinstance(v, dict) or v.dim() < 3 else v[:, :, ::n].contiguous()
-        for k, v in data.items()
-    }
+    return tree_map(lambda v: v if v.dim() < 3 else v[:, :, ::n].contiguous(), data)
 
 
 def _task_major(x: Tensor) -> Tensor:
@@ -123,36 +121,50 @@ class MetaLearner:
 
     def outer_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
         """TRPO surrogate of one task: -mean of pi(a|s) / pi_old(a|s) * A over valid steps."""
-        log_prob = self.policy.log_prob(params, data["obs"], data["actions"])
-        ratio = torch.exp(log_prob - data["old_log_prob"])
-        return -masked_mean(ratio * data["advantages"], data["mask"])
+        return self._surrogate(self.policy.dist_params(params, data["obs"]), data)
 
     def kl_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
         """Mean KL(pi_old || pi_params) over valid steps of one task."""
-        kl = self.policy.kl(data["old_params"], params, data["obs"])
-        return masked_mean(kl, data["mask"])
+        return self._kl(self.policy.dist_params(params, data["obs"]), data)
 
-    def fisher_product(self, params: Params, data: dict[str, Any], u: Params) -> Params:
-        """F u for one task at params = phi_old: the Hessian of kl_loss there, computed as
+    def surrogate_and_kl(self, params: Params, data: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """outer_loss and kl_loss of one task from one forward pass (the line search's check)."""
+        dist = self.policy.dist_params(params, data["obs"])
+        return self._surrogate(dist, data), self._kl(dist, data)
+
+    def _surrogate(self, dist: Any, data: dict[str, Any]) -> Tensor:
+        ratio = torch.exp(self.policy.log_prob_dist(dist, data["actions"]) - data["old_log_prob"])
+        return -masked_mean(ratio * data["advantages"], data["mask"])
+
+    def _kl(self, dist: Any, data: dict[str, Any]) -> Tensor:
+        return masked_mean(self.policy.kl_dist(data["old_dist"], dist), data["mask"])
+
+    def fisher_operator(self, params: Params, data: dict[str, Any]) -> Callable[[Params], Params]:
+        """u -> F_t u_t for every task t (leading task dim), F_t the Hessian of kl_loss at
+        params = phi_old, computed as
 
             F u = J_d^T (d^2 KL / dd^2) J_d u,   d = the policy's distribution parameters.
 
-        Exact at phi_old, where dKL/dd = 0 removes the network's own curvature term, and
-        about half the cost of an HVP through the network (one jvp and one vjp).
+        Exact at phi_old, where dKL/dd = 0 removes the network's own curvature term. The
+        pullback J_d^T is built once and reused by every call (a CG solve makes 11).
         """
-        obs = data["obs"]
+        obs, mask = data["obs"], data["mask"]
 
         def dist(p: Params) -> Any:
-            return self.policy.dist_params(p, obs)
+            return vmap(self.policy.dist_params)(p, obs)
 
         d_old, pullback = vjp(dist, params)
-        d_dot = jvp(dist, (params,), (u,))[1]
 
         def kl_of_dist(d: Any) -> Tensor:
-            return masked_mean(self.policy.kl_dist(d_old, d), data["mask"])
+            # Summed over tasks: task t's distribution only enters task t's term.
+            per_task = vmap(lambda old, new, m: masked_mean(self.policy.kl_dist(old, new), m))
+            return per_task(d_old, d, mask).sum()
 
-        hd = jvp(grad(kl_of_dist), (d_old,), (d_dot,))[1]
-        return pullback(hd)[0]
+        def apply(u: Params) -> Params:
+            d_dot = jvp(dist, (params,), (u,))[1]
+            return pullback(jvp(grad(kl_of_dist), (d_old,), (d_dot,))[1])[0]
+
+        return apply
 
     # ------------------------------------------------------------------ sampling
 
@@ -185,6 +197,18 @@ class MetaLearner:
             "advantages": _task_major(advantages),
             "mask": _task_major(episodes.mask),
         }
+
+    def outer_batch(self, episodes: Episodes, phi_old: Params) -> dict[str, Any]:
+        """The outer step's data: :meth:`_batch` of the validation episodes plus pi_old =
+        pi_{phi_K}, as the log-probabilities of the taken actions (for the ratio) and the
+        distribution parameters (for the KL), each computed once."""
+        valid: dict[str, Any] = self._batch(episodes)
+        with torch.no_grad():
+            old_dist = vmap(self.policy.dist_params)(phi_old, valid["obs"])
+            valid["old_log_prob"] = vmap(self.policy.log_prob_dist)(old_dist, valid["actions"])
+        valid["old_dist"] = old_dist
+        _check_finite("log-probabilities of the validation episodes", valid["old_log_prob"])
+        return valid
 
     def adapt(
         self, params: Params, tasks: Sequence[dict], num_steps: int, seed: int
@@ -220,18 +244,27 @@ class MetaLearner:
             obs.device,
         )
 
-    def _products(
-        self,
-        inner_data: Sequence[dict[str, Tensor]],
-        method: str | None = None,
+    def meta_products(
+        self, path: list[Params], inner_data: list, method: str | None = None,
         order: int | None = None,
-    ) -> dict[str, Any]:
-        return dict(
+    ) -> MetaProducts:  # fmt: skip
+        """J_t^T and J_t products with the configured (or given) estimator.
+
+        With ``chunk-size`` resolving to None and ``hvp-mode: auto`` (the defaults), each
+        Hessian's graph is built once and reused by every product (the ~22 of a CG solve);
+        otherwise every product builds and frees its own, chunked, graphs.
+        """
+        chunk_size = self.chunk_size(inner_data)
+        return prepare_meta_products(
+            self.inner_loss,
+            path,
+            inner_data,
             step_size=self.cfg.fast_lr,
             method=method or self.cfg.estimator,
             order=self.cfg.order if order is None else order,
-            chunk_size=self.chunk_size(inner_data),
+            chunk_size=chunk_size,
             hvp_mode=self.cfg.hvp_mode,
+            cache=chunk_size is None and self.cfg.hvp_mode == "auto",
         )
 
     def meta_gradient(
@@ -240,29 +273,30 @@ class MetaLearner:
         """mean_t J_t^T grad L_out(phi_K^t) with the configured (or given) estimator."""
         g_phi = vmap(grad(self.outer_loss))(path[-1], outer_data)
         order = self.cfg.num_steps if method == "maml" else None
-        per_task = batched_meta_vjp(
-            self.inner_loss, path, inner_data, g_phi, **self._products(inner_data, method, order)
-        )
+        per_task = self.meta_products(path, inner_data, method, order).vjp(g_phi)
         return {k: v.mean(0) for k, v in per_task.items()}
 
-    def fisher_vector_product(
-        self, path: list[Params], inner_data: list, outer_data: dict, v: Params
-    ) -> Params:
-        """mean_t J_t^T F_{phi_K^t} J_t v (without damping)."""
-        products = self._products(inner_data)
-        jv = batched_meta_jvp(self.inner_loss, path, inner_data, v, **products)
-        fjv = vmap(self.fisher_product, chunk_size=products["chunk_size"])(path[-1], outer_data, jv)
-        jtfjv = batched_meta_vjp(self.inner_loss, path, inner_data, fjv, **products)
-        return {k: x.mean(0) for k, x in jtfjv.items()}
+    def fvp_operator(
+        self, path: list[Params], inner_data: list, outer_data: dict
+    ) -> Callable[[Params], Params]:
+        """v -> mean_t J_t^T F_{phi_K^t} J_t v (without damping), for many v: the graphs
+        this needs are built on the first product and reused (see :meth:`meta_products`)."""
+        products = self.meta_products(path, inner_data)
+        fisher = self.fisher_operator(path[-1], outer_data)
+
+        def fvp(v: Params) -> Params:
+            jtfjv = products.vjp(fisher(products.jvp(v)))
+            return {k: x.mean(0) for k, x in jtfjv.items()}
+
+        return fvp
 
     def _surrogate_and_kl(
         self, params: Params, inner_data: list, outer_data: dict
     ) -> tuple[Tensor, Tensor]:
         """Mean outer loss and KL after re-adapting ``params`` on the stored inner episodes."""
         path = batched_adapt(self.inner_loss, params, inner_data, step_size=self.cfg.fast_lr)
-        loss = vmap(self.outer_loss)(path[-1], outer_data).mean()
-        kl = vmap(self.kl_loss)(path[-1], outer_data).mean()
-        return loss, kl
+        loss, kl = vmap(self.surrogate_and_kl)(path[-1], outer_data)
+        return loss.mean(), kl.mean()
 
     def trpo_step(
         self, params: Params, adaptation: AdaptationResult, diagnose: bool = False
@@ -271,13 +305,7 @@ class MetaLearner:
         cfg = self.cfg
         path, inner_data = adaptation.path, adaptation.inner_data
         phi_k = path[-1]
-        valid = self._batch(adaptation.episodes[-1])
-        with torch.no_grad():
-            valid["old_log_prob"] = vmap(self.policy.log_prob)(
-                phi_k, valid["obs"], valid["actions"]
-            )
-        valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
-        _check_finite("log-probabilities of the validation episodes", valid["old_log_prob"])
+        valid = self.outer_batch(adaptation.episodes[-1], phi_k)
 
         # At phi_K itself the ratio is exactly 1 (old_log_prob is this very log-prob), so
         # the surrogate is -mean(A): no forward pass needed.
@@ -293,8 +321,10 @@ class MetaLearner:
         fvp_inner = [_every_nth_episode(d, cfg.fvp_subsample) for d in inner_data]
         fvp_valid = _every_nth_episode(valid, cfg.fvp_subsample)
 
+        fvp_op = self.fvp_operator(path, fvp_inner, fvp_valid)
+
         def fvp(v_flat: Tensor) -> Tensor:
-            fv = self.fisher_vector_product(path, fvp_inner, fvp_valid, unflatten_params(v_flat, g))
+            fv = fvp_op(unflatten_params(v_flat, g))
             return flatten_params(fv) + cfg.cg_damping * v_flat
 
         step_dir = conjugate_gradient(fvp, g_flat, cfg.cg_iters)

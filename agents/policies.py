@@ -100,20 +100,23 @@ class GaussianMLPPolicy(_MLPPolicyBase):
 
     def mean_and_std(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
         """mu [..., act_dim] and sigma [act_dim] (clamped at exp(min_log_std) if set)."""
-        mean = self._mlp(params, obs)
-        log_std = params["log_std"]
-        if self.min_log_std is not None:
-            log_std = torch.clamp(log_std, min=self.min_log_std)
+        mean, log_std = self.dist_params(params, obs)
         return mean, log_std.exp()
 
     def forward(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
         return self.mean_and_std(params, obs)
 
     def log_prob(self, params: dict[str, Tensor], obs: Tensor, actions: Tensor) -> Tensor:
-        """sum_i [-(a_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2]."""
-        mean, std = self.mean_and_std(params, obs)
-        z = (actions - mean) / std
-        return (-0.5 * z**2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        """log pi(a|s); see :meth:`log_prob_dist`."""
+        return self.log_prob_dist(self.dist_params(params, obs), actions)
+
+    @staticmethod
+    def log_prob_dist(dist: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
+        """From (mu, log sigma):
+        sum_i [-(a_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2]."""
+        mean, log_std = dist
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def sample(self, params: dict[str, Tensor], obs: Tensor, generator: torch.Generator) -> Tensor:
         """mu + sigma * eps, eps ~ N(0, I) from ``generator`` (not for use under vmap)."""
@@ -130,9 +133,12 @@ class GaussianMLPPolicy(_MLPPolicyBase):
         return self.mean_and_std(params, obs)[0]
 
     def dist_params(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
-        """Distribution parameters (mu [..., act_dim], log sigma [act_dim]) of pi(.|obs)."""
-        mean, std = self.mean_and_std(params, obs)
-        return mean, std.log()
+        """Distribution parameters (mu [..., act_dim], log sigma [act_dim]) of pi(.|obs),
+        log sigma clamped at ``min_log_std`` if set."""
+        log_std = params["log_std"]
+        if self.min_log_std is not None:
+            log_std = torch.clamp(log_std, min=self.min_log_std)
+        return self._mlp(params, obs), log_std
 
     @staticmethod
     def kl_dist(old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> Tensor:
@@ -192,8 +198,13 @@ class CategoricalMLPPolicy(_MLPPolicyBase):
         return torch.log_softmax(self.logits(params, obs), dim=-1)
 
     def log_prob(self, params: dict[str, Tensor], obs: Tensor, actions: Tensor) -> Tensor:
-        """log softmax(logits)_a."""
-        logp = self._log_probs(params, obs)
+        """log pi(a|s); see :meth:`log_prob_dist`."""
+        return self.log_prob_dist(self.logits(params, obs), actions)
+
+    @staticmethod
+    def log_prob_dist(logits: Tensor, actions: Tensor) -> Tensor:
+        """From the logits: log softmax(logits)_a."""
+        logp = torch.log_softmax(logits, dim=-1)
         return torch.gather(logp, -1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     def sample(self, params: dict[str, Tensor], obs: Tensor, generator: torch.Generator) -> Tensor:

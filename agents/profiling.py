@@ -6,7 +6,8 @@ The phases are the MetaLearner's own methods, timed by wrapping them on one inst
     sampling        MetaLearner._sample: all env steps, the policy in the loop
     advantages      MetaLearner._batch: linear-baseline fits and GAE
     meta-gradient   MetaLearner.meta_gradient: g = mean_t J_t^T grad L_out
-    fisher-vector   MetaLearner.fisher_vector_product: every CG product and the step size
+    fisher-vector   MetaLearner.fvp_operator: building it and every product it makes (CG and
+                    the step size)
     line search     MetaLearner._surrogate_and_kl: re-adaptation, surrogate and KL per try
     other           total minus the above (inner steps, CG vector algebra, logging)
 """
@@ -28,14 +29,12 @@ PHASES = {
     "sampling": "_sample",
     "advantages": "_batch",
     "meta-gradient": "meta_gradient",
-    "fisher-vector products": "fisher_vector_product",
+    "fisher-vector products": "fvp_operator",
     "line search": "_surrogate_and_kl",
 }
 
 
-def profile_iterations(
-    cfg: Config, num_iterations: int = 12, skip: int = 2
-) -> dict[str, float]:
+def profile_iterations(cfg: Config, num_iterations: int = 12, skip: int = 2) -> dict[str, float]:
     """Median seconds per phase (and ``total``, ``other``) over iterations skip..end."""
     if num_iterations <= skip:
         raise ValueError(f"num_iterations ({num_iterations}) must exceed skip ({skip})")
@@ -67,7 +66,8 @@ def _timed(fn: Callable, phase: str, spent: dict[str, float], device: torch.devi
         result = fn(*args, **kwargs)
         _sync(device)
         spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - start
-        return result
+        # An operator (fvp_operator's product function) is timed into the same phase.
+        return _timed(result, phase, spent, device) if callable(result) else result
 
     return wrapper
 

@@ -88,8 +88,10 @@ class TaskDistributionWrapper(gym.Wrapper):
     def __init__(self, env: gym.Env, append_task: bool = False):
         super().__init__(env)
         base = env.unwrapped
-        if not (callable(getattr(base, "sample_tasks", None))
-                and callable(getattr(base, "reset_task", None))):
+        if not (
+            callable(getattr(base, "sample_tasks", None))
+            and callable(getattr(base, "reset_task", None))
+        ):
             raise ValueError(f"{env} does not implement sample_tasks / reset_task")
         self.append_task = append_task
         self._fixed: dict[str, Any] | None = None
@@ -208,8 +210,11 @@ def sb3_to_params(model: Any, policy: Policy) -> dict[str, Tensor]:
     sb3 = model.policy if hasattr(model, "policy") else model
     hidden = _linears(sb3.mlp_extractor.policy_net)
     layers = [*hidden, sb3.action_net]
-    acts = [m for m in sb3.mlp_extractor.policy_net.modules() if not isinstance(m, nn.Linear)
-            and not isinstance(m, nn.Sequential)]
+    acts = [
+        m
+        for m in sb3.mlp_extractor.policy_net.modules()
+        if not isinstance(m, nn.Linear) and not isinstance(m, nn.Sequential)
+    ]
     expected = {"tanh": nn.Tanh, "relu": nn.ReLU}[policy.nonlinearity]
     if any(not isinstance(a, expected) for a in acts):
         raise ValueError(f"SB3 actor activations {acts} do not match {policy.nonlinearity}")

@@ -106,7 +106,7 @@ class Problem:
     learner: MetaLearner
     params: Params
     adaptation: AdaptationResult
-    valid: dict[str, Any]  # outer data as trpo_step builds it (old_log_prob, old_params)
+    valid: dict[str, Any]  # outer data as trpo_step builds it (old_log_prob, old_dist)
 
 
 def make_config(opts: MetastepOptions, num_steps: int, **overrides: Any) -> Config:
@@ -174,12 +174,7 @@ def make_problem(opts: MetastepOptions, num_steps: int, **cfg_overrides: Any) ->
         phi = batched_inner_step(learner.inner_loss, phi, data, step_size=cfg.fast_lr)
         path.append(phi)
     adaptation = AdaptationResult(episodes, inner_data, path)
-    valid = learner._batch(episodes[-1])
-    with torch.no_grad():
-        valid["old_log_prob"] = torch.func.vmap(policy.log_prob)(
-            path[-1], valid["obs"], valid["actions"]
-        )
-    valid["old_params"] = {k: v.detach() for k, v in path[-1].items()}
+    valid = learner.outer_batch(episodes[-1], path[-1])
     return Problem(learner, params, adaptation, valid)
 
 
@@ -252,7 +247,7 @@ class VanillaMetaTRPO:
         loss = -self._mean(
             torch.exp(logp - v["old_log_prob"][t]) * v["advantages"][t], v["mask"][t]
         )
-        mu_o, ls_o = self._gaussian({k: x[t] for k, x in v["old_params"].items()}, v["obs"][t])
+        mu_o, ls_o = (x[t] for x in v["old_dist"])
         mu_n, ls_n = self._gaussian(phi, v["obs"][t])
         kl = (
             ls_n

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.config import Config
@@ -60,24 +61,18 @@ def _learner(samplers, env_name=NAV, **overrides) -> MetaLearner:
 
 def _adapted(learner: MetaLearner, seed: int = 0):
     """theta, the adaptation (sampled with the learner's own inner loop) and the outer data
-    exactly as trpo_step builds it (old log-probs and old params at phi_K)."""
+    exactly as trpo_step builds it (old log-probs and distribution at phi_K)."""
     cfg = learner.cfg
     params = learner.init_params(cfg.seed)
     tasks = learner.sampler.sample_tasks(cfg.meta_batch_size, seed=derive_seed(seed, 0))
     adaptation = learner.adapt(params, tasks, cfg.num_steps, seed=derive_seed(seed, 1))
-    phi_k = adaptation.path[-1]
-    valid = learner._batch(adaptation.episodes[-1])
-    with torch.no_grad():
-        valid["old_log_prob"] = torch.vmap(learner.policy.log_prob)(
-            phi_k, valid["obs"], valid["actions"]
-        )
-    valid["old_params"] = {k: v.detach() for k, v in phi_k.items()}
+    valid = learner.outer_batch(adaptation.episodes[-1], adaptation.path[-1])
     return params, adaptation, valid
 
 
 def _task(data, t):
     """Task t of a task-major (possibly nested) data dict."""
-    return {k: _task(v, t) if isinstance(v, dict) else v[t] for k, v in data.items()}
+    return tree_map(lambda x: x[t], data)
 
 
 def _unrolled(learner: MetaLearner, theta, inner_data, t):
@@ -156,10 +151,16 @@ def test_fisher_product_equals_kl_hessian(samplers, env_name):
     phi_k = adaptation.path[-1]
     g = torch.Generator().manual_seed(0)
     u = {k: torch.randn(v.shape, generator=g) for k, v in phi_k.items()}
-    fisher = torch.vmap(learner.fisher_product)(phi_k, valid, u)
+    fisher_op = learner.fisher_operator(phi_k, valid)
+    fisher = fisher_op(u)
     hessian = batched_hvp(learner.kl_loss, phi_k, valid, u)
     for k in phi_k:
         torch.testing.assert_close(fisher[k], hessian[k], rtol=1e-4, atol=1e-6)
+    # the operator keeps its pullback: a second vector is still the exact product
+    u2 = {k: torch.randn(v.shape, generator=g) for k, v in phi_k.items()}
+    fisher2, hessian2 = fisher_op(u2), batched_hvp(learner.kl_loss, phi_k, valid, u2)
+    for k in phi_k:
+        torch.testing.assert_close(fisher2[k], hessian2[k], rtol=1e-4, atol=1e-6)
     # the Fisher is PSD: u^T F u >= 0 for every task
     quad = sum((fisher[k] * u[k]).flatten(1).sum(1) for k in u)
     assert (quad >= -1e-6).all()
@@ -191,7 +192,9 @@ def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers):
     params, adaptation, valid = _adapted(learner, seed=2)
     g = torch.Generator().manual_seed(1)
     v = {k: torch.randn(x.shape, generator=g) for k, x in params.items()}
-    got = learner.fisher_vector_product(adaptation.path, adaptation.inner_data, valid, v)
+    fvp = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid)
+    fvp(v)  # a first product builds the cached graphs; the second reuses them
+    got = fvp(v)
 
     theta = _leaf_copy(params)
     num_tasks = learner.cfg.meta_batch_size

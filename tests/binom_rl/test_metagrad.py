@@ -21,6 +21,7 @@ from binom_rl.metagrad import (
     meta_gradient,
     meta_jvp,
     meta_vjp,
+    prepare_meta_products,
 )
 
 ALPHA = 0.1
@@ -106,6 +107,78 @@ def test_quadratic_closed_form(K, transpose):
         last = range(K - L, K)
         torch.testing.assert_close(run("trunc", L), _product(hessians, vf, last, transpose))
     torch.testing.assert_close(run("binom", K), run("maml"))
+
+
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_cached_products_match_brute_force_on_every_reuse(K):
+    """prepare_meta_products(cache=True) keeps each Hessian's graph: every later product
+    (a CG solve makes 20+) must still be the exact expansion, in both directions."""
+    gen = torch.Generator().manual_seed(10 + K)
+    dtype = torch.float64
+    T = 2
+    tasks = [_random_quadratic(K, dtype, gen) for _ in range(T)]
+    hessians = [[d["A"] for d in task] for task in tasks]
+    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("A", "c")}
+             for k in range(K)]  # fmt: skip
+    params = _random_params(gen, dtype)
+    path = batched_adapt(quad_loss, params, inner, step_size=ALPHA)
+    cases = [("maml", None, range(K)), ("fomaml", None, None)]
+    cases += [("trunc", L, range(K - L, K)) for L in range(K + 1)]
+    cases += [("binom", L, None) for L in range(K + 1)]
+    for method, order, exact_steps in cases:
+        products = prepare_meta_products(
+            quad_loss, path, inner, step_size=ALPHA, method=method, order=order, cache=True
+        )
+        for _ in range(3):  # the same cached graphs, new vectors each time
+            v = _random_params(gen, dtype, lead=(T,))
+            for transpose, fn in ((True, products.vjp), (False, products.jvp)):
+                got = fn(v)
+                for t in range(T):
+                    vf = _flat({k: x[t] for k, x in v.items()})
+                    if method == "binom":
+                        want = _brute_force(hessians[t], vf, order, transpose)
+                    elif method == "fomaml":
+                        want = vf
+                    else:
+                        want = _product(hessians[t], vf, exact_steps, transpose)
+                    torch.testing.assert_close(_flat({k: x[t] for k, x in got.items()}), want)
+
+
+@pytest.mark.parametrize("method,order", [("maml", None), ("trunc", 2), ("binom", 1), ("binom", 2)])
+def test_cached_products_equal_recomputed_on_mlp(method, order):
+    K, T = 3, 2
+    params, loss, _, _ = _mlp_problem(K, torch.float64, seed=0)
+    tasks = [_mlp_problem(K, torch.float64, seed=20 + t)[2] for t in range(T)]
+    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
+             for k in range(K)]  # fmt: skip
+    path = batched_adapt(loss, params, inner, step_size=0.05)
+    kw = dict(step_size=0.05, method=method, order=order)
+    cached = prepare_meta_products(loss, path, inner, cache=True, **kw)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        shared = {k: torch.randn(x.shape, generator=gen, dtype=x.dtype) for k, x in params.items()}
+        per_task = {k: torch.randn((T, *x.shape), generator=gen, dtype=x.dtype)
+                    for k, x in params.items()}  # fmt: skip
+        torch.testing.assert_close(
+            _cat(cached.jvp(shared)), _cat(batched_meta_jvp(loss, path, inner, shared, **kw))
+        )
+        torch.testing.assert_close(
+            _cat(cached.vjp(per_task)), _cat(batched_meta_vjp(loss, path, inner, per_task, **kw))
+        )
+
+
+def test_cache_refuses_chunking_and_fwdrev():
+    data, params, path = _small()
+    kw = dict(step_size=ALPHA, method="binom", order=1, cache=True)
+    batched = ([_unsqueeze_tree(p) for p in path], [_unsqueeze_tree(d) for d in data])
+    with pytest.raises(ValueError, match="chunk"):
+        prepare_meta_products(quad_loss, *batched, chunk_size=2, **kw)
+    with pytest.raises(ValueError, match="fwdrev"):
+        prepare_meta_products(quad_loss, *batched, hvp_mode="fwdrev", **kw)
+
+
+def _unsqueeze_tree(d):
+    return {k: x.unsqueeze(0) for k, x in d.items()}
 
 
 def test_binom_revrev_fallback_matches_fwdrev():
