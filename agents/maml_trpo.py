@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
@@ -140,31 +140,16 @@ class MetaLearner:
         return masked_mean(self.policy.kl_dist(data["old_dist"], dist), data["mask"])
 
     def fisher_operator(self, params: Params, data: dict[str, Any]) -> Callable[[Params], Params]:
-        """u -> F_t u_t for every task t (leading task dim), F_t the Hessian of kl_loss at
-        params = phi_old, computed as
+        """u -> F_t u_t for every task t (leading task dim): F_t the Hessian of kl_loss at
+        params = phi_old, i.e. the policy's Fisher information there (the KL's gradient
+        vanishes at phi_old, so the Hessian is J_d^T (d^2 KL/dd^2) J_d, d the distribution
+        parameters, positive semi-definite).
 
-            F u = J_d^T (d^2 KL / dd^2) J_d u,   d = the policy's distribution parameters.
-
-        Exact at phi_old, where dKL/dd = 0 removes the network's own curvature term. The
-        pullback J_d^T is built once and reused by every call (a CG solve makes 11).
+        The graph of grad KL is built once and its pullback reused by every call (a CG
+        solve makes 11): reverse-over-reverse, the pullback of a gradient being H^T u = H u.
         """
-        obs, mask = data["obs"], data["mask"]
-
-        def dist(p: Params) -> Any:
-            return vmap(self.policy.dist_params)(p, obs)
-
-        d_old, pullback = vjp(dist, params)
-
-        def kl_of_dist(d: Any) -> Tensor:
-            # Summed over tasks: task t's distribution only enters task t's term.
-            per_task = vmap(lambda old, new, m: masked_mean(self.policy.kl_dist(old, new), m))
-            return per_task(d_old, d, mask).sum()
-
-        def apply(u: Params) -> Params:
-            d_dot = jvp(dist, (params,), (u,))[1]
-            return pullback(jvp(grad(kl_of_dist), (d_old,), (d_dot,))[1])[0]
-
-        return apply
+        _, pullback = vjp(lambda p: vmap(grad(self.kl_loss))(p, data), params)
+        return lambda u: pullback(u)[0]
 
     # ------------------------------------------------------------------ sampling
 
