@@ -113,6 +113,20 @@ def test_vmap_over_tasks_equals_loop(which, gauss, cat):
         assert torch.allclose(ent[t], pol.entropy(per_task[t], obs[t]), atol=1e-6)
 
 
+@pytest.mark.parametrize("which", ["gauss", "cat"])
+def test_task_batched_forward_equals_per_task(which, gauss, cat):
+    """Params with a leading task dim run one batched matmul per layer (the sampler's path);
+    it must equal the per-task forward, for obs with several batch dims."""
+    pol = gauss if which == "gauss" else cat
+    per_task = [_perturbed(pol.init_params(0), s) for s in range(3)]
+    obs = torch.randn(3, 4, 5, OBS_DIM)
+    batched = pol.dist_params(_stack(per_task), obs)
+    for t in range(3):
+        ref = pol.dist_params(per_task[t], obs[t])
+        got = torch.utils._pytree.tree_map(lambda x, t=t: x[t], batched)
+        torch.testing.assert_close(got, ref)
+
+
 def test_grad_and_hvp_through_log_prob(gauss):
     # The meta-learner differentiates twice (forward-over-reverse) through log_prob.
     p = gauss.init_params(0)
