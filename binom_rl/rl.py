@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ __all__ = [
     "normalize_advantages",
     "flatten_params",
     "unflatten_params",
+    "CGResult",
+    "cg_solve",
     "conjugate_gradient",
     "line_search",
     "tree_add",
@@ -112,16 +115,27 @@ def unflatten_params(vec: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def conjugate_gradient(
+class CGResult(NamedTuple):
+    """A conjugate-gradient solution ``x`` and ``ax`` = A x, accumulated from the products
+    CG already made (A x = sum_i alpha_i A p_i), so no extra product is needed for it."""
+
+    x: Tensor
+    ax: Tensor
+
+
+def cg_solve(
     mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, residual_tol: float = 1e-10
-) -> Tensor:
+) -> CGResult:
     """Solve A x = b for SPD A given x -> A x, with exactly ``iters`` CG iterations.
 
-    alpha = r.r / p.Ap;  x += alpha p;  r -= alpha Ap;  beta = r'.r' / r.r;  p = r' + beta p.
+    alpha = r.r / p.Ap;  x += alpha p;  Ax += alpha Ap;  r -= alpha Ap;
+    beta = r'.r' / r.r;  p = r' + beta p.
     No host synchronisation: once r.r <= residual_tol the step sizes are masked to
     0 with torch.where, so later iterations are no-ops instead of a Python ``break``.
+    TRPO needs s^T A s for its step size: ``ax`` gives it without an (iters + 1)-th product.
     """
     x = torch.zeros_like(b)
+    ax = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
     rdotr = torch.dot(r, r)
@@ -134,12 +148,20 @@ def conjugate_gradient(
         ok = active & (pz > 0)
         alpha = torch.where(ok, rdotr / torch.where(ok, pz, torch.ones_like(pz)), 0.0)
         x = x + alpha * p
+        ax = ax + alpha * z
         r = r - alpha * z
         new_rdotr = torch.dot(r, r)
         beta = torch.where(ok, new_rdotr / rdotr.clamp(min=tiny), 0.0)
         p = torch.where(ok, r + beta * p, p)
         rdotr = torch.where(ok, new_rdotr, rdotr)
-    return x
+    return CGResult(x, ax)
+
+
+def conjugate_gradient(
+    mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, residual_tol: float = 1e-10
+) -> Tensor:
+    """The solution x of A x = b from :func:`cg_solve`."""
+    return cg_solve(mvp, b, iters, residual_tol).x
 
 
 def line_search(

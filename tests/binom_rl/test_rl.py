@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from binom_rl.rl import (
+    cg_solve,
     conjugate_gradient,
     discounted_returns,
     flatten_params,
@@ -132,6 +133,22 @@ def test_conjugate_gradient_spd(n):
     x_more = conjugate_gradient(lambda v: at @ v, torch.tensor(b), iters=3 * n + 5)
     assert torch.isfinite(x_more).all()
     np.testing.assert_allclose(x_more.numpy(), np.linalg.solve(a, b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("iters", [1, 3, 10, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cg_solve_accumulated_product_equals_explicit(iters, dtype):
+    """cg_solve's ax (sum of alpha_i A p_i) is A x, also before convergence and after it
+    (the masked no-op iterations must not change it)."""
+    n = 20
+    rng = np.random.default_rng(iters)
+    m = rng.standard_normal((n, n))
+    a = torch.tensor(m @ m.T + 0.1 * np.eye(n), dtype=dtype)
+    b = torch.tensor(rng.standard_normal(n), dtype=dtype)
+    x, ax = cg_solve(lambda v: a @ v, b, iters=iters)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ax, a @ x, **tol)
+    torch.testing.assert_close(x, conjugate_gradient(lambda v: a @ v, b, iters=iters))
 
 
 def test_conjugate_gradient_zero_rhs_and_float32():
