@@ -64,9 +64,11 @@ class Config:
     estimator: str = "binom"
     order: int = 1
     chunk_size: int | str | None = None  # None: all at once; "auto": default_chunk_size
-    hvp_mode: str = (
-        "auto"  # Hessian-vector products: auto (fwdrev, revrev fallback), fwdrev, revrev
-    )
+    # Hessian-vector products. auto: with chunk-size null (or auto fitting everything at
+    # once), each Hessian's graph is built once per meta-step and reused by every product
+    # (reverse-over-reverse); with chunks, forward-over-reverse products recomputed each
+    # time (revrev fallback). fwdrev / revrev: always recompute, that way.
+    hvp_mode: str = "auto"
     diagnose_every: int = 0
     # run
     seed: int = 0

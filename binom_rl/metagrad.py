@@ -33,7 +33,12 @@ Estimators of these products (``method``):
 Every function has a task-batched twin (``batched_*``): parameters shared, data and paths
 with a leading task dimension T, computed with vmap; equal to a Python loop over tasks.
 HVPs are forward-over-reverse (``jvp(grad(f))``), falling back to reverse-over-reverse
-where forward-mode AD lacks an op.
+where forward-mode AD lacks an op; each product builds its graphs and frees them.
+
+Many products on the same path (a trust-region step's conjugate-gradient solve makes 20+)
+go through :func:`prepare_meta_products`: validated once, and with ``cache=True`` each
+Hessian's graph is built on first use and kept, so later products only pay the second
+backward pass (reverse-over-reverse: the pullback of grad L_k at phi_k is H_k, symmetric).
 """
 
 from __future__ import annotations
@@ -251,6 +256,29 @@ def batched_inner_step(
     return {k: (params[k] - step_size * grads[k]).detach() for k in params}
 
 
+HessianProduct = Callable[[Params], Params]
+
+
+def hessian_product(loss: LossFn, params: Params, data: Any) -> tuple[Params, HessianProduct]:
+    """grad L(params[t], data[t]) for every task t, and vecs -> H vecs from the same graph.
+
+    Reverse-over-reverse: the pullback of the gradient is H^T = H (symmetric). The graph
+    stays alive as long as the returned function does, and every call only runs the
+    second backward pass.
+    """
+    grads, pullback = vjp(lambda p: vmap(grad(loss))(p, data), params)
+    return grads, lambda vecs: pullback(vecs)[0]
+
+
+def batched_inner_step_with_hessian(
+    inner_loss: LossFn, params: Params, data: Any, *, step_size: float
+) -> tuple[Params, HessianProduct]:
+    """:func:`batched_inner_step` that also returns H = hess L(params) as a product built
+    on the step's own graph (see :func:`hessian_product`), for a later meta-gradient."""
+    grads, hvp = hessian_product(inner_loss, params, data)
+    return {k: (params[k] - step_size * grads[k]).detach() for k in params}, hvp
+
+
 def batched_adapt(
     inner_loss: LossFn,
     params: Params,
@@ -337,33 +365,40 @@ class _PathHessians:
         chunk_size: int | None,
         hvp_mode: str,
         cache: bool,
+        given: Sequence[HessianProduct] | None = None,
     ):
         self.loss, self.path, self.data = loss, path_stack, data_stack
         self.chunk_size, self.hvp_mode, self.cache = chunk_size, hvp_mode, cache
         self.num_tasks, self.num_steps = tree_leaves_first(path_stack).shape[:2]
-        self._pullbacks: dict[Any, Callable[[Params], tuple[Params]]] = {}
+        # Cached products by key: a step k, or "all" for every (task, step) pair at once.
+        self._products: dict[Any, HessianProduct] = dict(enumerate(given or ()))
+        self._given = given is not None
 
-    def _pullback(self, key: Any, params: Params, data: Any) -> Callable[[Params], tuple[Params]]:
-        if key not in self._pullbacks:
-            _, self._pullbacks[key] = vjp(lambda p: vmap(grad(self.loss))(p, data), params)
-        return self._pullbacks[key]
+    def _cached(self, key: Any, params: Params, data: Any) -> HessianProduct:
+        if key not in self._products:
+            self._products[key] = hessian_product(self.loss, params, data)[1]
+        return self._products[key]
 
     def step(self, k: int, vecs: Params) -> Params:
         """H_k vecs[t] for every task t (vecs: [T, ...])."""
         params = _index(self.path, (slice(None), k))
         data = _index(self.data, (slice(None), k))
-        if self.cache:
-            return self._pullback(k, params, data)(vecs)[0]
+        if self.cache or self._given:
+            return self._cached(k, params, data)(vecs)
         return batched_hvp(self.loss, params, data, vecs, self.chunk_size, self.hvp_mode)
 
     def steps(self, steps: Sequence[int], vecs: Params) -> Params:
         """H_{steps[i]} vecs[t, i] for every task t and position i (vecs: [T, m, ...])."""
+        if self._given:
+            # Products kept from the inner steps: one call per step.
+            out = [self.step(k, _index(vecs, (slice(None), i))) for i, k in enumerate(steps)]
+            return _stack(out, dim=1)
         if self.cache:
             # One graph over every (task, step) pair serves all levels and both directions:
             # each vector goes to its step's slot, zeros elsewhere.
-            pullback = self._pullback("all", _flatten2(self.path), _flatten2(self.data))
+            hvp = self._cached("all", _flatten2(self.path), _flatten2(self.data))
             full = _place_steps(vecs, steps, self.num_steps)
-            out = _unflatten2(pullback(_flatten2(full))[0], self.num_tasks)
+            out = _unflatten2(hvp(_flatten2(full)), self.num_tasks)
             return _select_steps(out, steps)
         hv = batched_hvp(
             self.loss,
@@ -467,6 +502,7 @@ def prepare_meta_products(
     chunk_size: int | None = None,
     hvp_mode: str = "auto",
     cache: bool = False,
+    hessians: Sequence[HessianProduct] | None = None,
 ) -> MetaProducts:
     """Task-batched J_t^T v and J_t v products for many vectors on the same path and data.
 
@@ -475,6 +511,9 @@ def prepare_meta_products(
     the fast choice for the 20+ products of a conjugate-gradient solve, at the memory cost
     of keeping those graphs alive as long as the returned functions are. ``cache=False``
     builds and frees the graphs in every product (``hvp_mode``, ``chunk_size``).
+    ``hessians``: the K products H_k already built on ``path[k]`` and ``inner_data[k]``
+    (:func:`batched_inner_step_with_hessian` keeps them from the inner loop), used instead
+    of building graphs; one call per step, so a binomial level loses its batching over steps.
     """
     num_steps = len(inner_data)
     order = _check_method(method, order, num_steps)
@@ -491,6 +530,8 @@ def prepare_meta_products(
             "cache=True keeps each Hessian's reverse-over-reverse graph for reuse; it cannot "
             f"also bound memory by chunks (chunk_size={chunk_size}) or use hvp_mode='fwdrev'"
         )
+    if hessians is not None and len(hessians) != num_steps:
+        raise ValueError(f"hessians has {len(hessians)} products, expected K = {num_steps}")
     num_tasks = next(iter(path[0].values())).shape[0]
     identity = method == "fomaml" or order == 0
     if not identity:
@@ -503,6 +544,7 @@ def prepare_meta_products(
             chunk_size,
             hvp_mode,
             cache,
+            hessians,
         )
 
     def product(v: Params, transpose: bool) -> Params:

@@ -212,6 +212,44 @@ def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers):
         torch.testing.assert_close(got[k], e, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_meta_gradient_from_kept_inner_graphs(samplers, num_steps):
+    """adapt(keep_hessians=True) keeps each inner step's graph as its Hessian product; the
+    meta-gradient from those equals the one from graphs built afresh, and the path is the
+    same adaptation."""
+    learner = _learner(samplers, estimator="maml", **{"num-steps": num_steps})
+    assert learner.keeps_hessians()
+    params = learner.init_params(0)
+    tasks = learner.sampler.sample_tasks(learner.cfg.meta_batch_size, seed=derive_seed(3, 0))
+    kept = learner.adapt(params, tasks, num_steps, seed=derive_seed(3, 1), keep_hessians=True)
+    plain = learner.adapt(params, tasks, num_steps, seed=derive_seed(3, 1))
+    assert kept.hessians is not None and len(kept.hessians) == num_steps
+    assert plain.hessians is None
+    for a, b in zip(kept.path, plain.path, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+    valid = learner.outer_batch(kept.episodes[-1], kept.path[-1])
+    got = learner.meta_gradient(kept.path, kept.inner_data, valid, hessians=kept.hessians)
+    want = learner.meta_gradient(plain.path, plain.inner_data, valid)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "overrides,keeps",
+    [
+        ({"estimator": "binom", "order": 1}, True),  # K = 1: the exact product
+        ({"estimator": "fomaml"}, False),
+        ({"estimator": "binom", "order": 1, "num-steps": 3}, False),  # batched cascade
+        ({"estimator": "maml", "num-steps": 3}, True),
+        ({"estimator": "maml", "chunk-size": 4}, False),
+        ({"estimator": "maml", "hvp-mode": "fwdrev"}, False),
+    ],
+)
+def test_keeps_hessians_rule(samplers, overrides, keeps):
+    assert _learner(samplers, **overrides).keeps_hessians() is keeps
+
+
 def test_binom_full_order_equals_maml(samplers):
     learner = _learner(samplers, estimator="binom", order=2, **{"num-steps": 2})
     _, adaptation, valid = _adapted(learner, seed=4)

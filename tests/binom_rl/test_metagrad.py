@@ -14,6 +14,7 @@ from torch import nn
 from binom_rl.metagrad import (
     adapt,
     batched_adapt,
+    batched_inner_step_with_hessian,
     batched_meta_gradient,
     batched_meta_jvp,
     batched_meta_vjp,
@@ -165,6 +166,37 @@ def test_cached_products_equal_recomputed_on_mlp(method, order):
         torch.testing.assert_close(
             _cat(cached.vjp(per_task)), _cat(batched_meta_vjp(loss, path, inner, per_task, **kw))
         )
+
+
+@pytest.mark.parametrize("method,order", [("maml", None), ("trunc", 2), ("binom", 1), ("binom", 2)])
+def test_products_from_kept_inner_step_hessians(method, order):
+    """H_k products kept from the inner steps' own graphs give the same J^T v and J v as
+    graphs built afresh, for the sequential products and the binomial cascade alike."""
+    K, T = 3, 2
+    params, loss, _, _ = _mlp_problem(K, torch.float64, seed=1)
+    tasks = [_mlp_problem(K, torch.float64, seed=30 + t)[2] for t in range(T)]
+    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
+             for k in range(K)]  # fmt: skip
+    phi = {k: v.unsqueeze(0).expand(T, *v.shape) for k, v in params.items()}
+    path, kept = [phi], []
+    for data in inner:
+        phi, hvp = batched_inner_step_with_hessian(loss, phi, data, step_size=0.05)
+        path.append(phi)
+        kept.append(hvp)
+    for a, b in zip(path, batched_adapt(loss, params, inner, step_size=0.05), strict=True):
+        torch.testing.assert_close(_cat(a), _cat(b))
+    kw = dict(step_size=0.05, method=method, order=order)
+    with_kept = prepare_meta_products(loss, path, inner, hessians=kept, **kw)
+    gen = torch.Generator().manual_seed(4)
+    v = {k: torch.randn((T, *x.shape), generator=gen, dtype=x.dtype) for k, x in params.items()}
+    torch.testing.assert_close(
+        _cat(with_kept.vjp(v)), _cat(batched_meta_vjp(loss, path, inner, v, **kw))
+    )
+    torch.testing.assert_close(
+        _cat(with_kept.jvp(v)), _cat(batched_meta_jvp(loss, path, inner, v, **kw))
+    )
+    with pytest.raises(ValueError, match="hessians"):
+        prepare_meta_products(loss, path, inner, hessians=kept[:2], **kw)
 
 
 def test_cache_refuses_chunking_and_fwdrev():
