@@ -25,6 +25,11 @@ from binom_rl.sampler import MultiTaskSampler
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "policy.pt"
+# What a run and its evaluation / plot write into the run folder: --overwrite removes
+# exactly these (and TensorBoard event files), so the new run's curves and results are
+# not mixed with the old run's; any other file in the folder is left alone.
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, "results.npz", "results.csv", "training_curves.png")
+EVENT_FILES = "events.out.tfevents.*"
 
 
 def prepare_run(
@@ -115,11 +120,20 @@ def train(
             start = int(state["iteration"])
             set_rng_state(state["rng"])
         folder = Path(output_folder)
+        if state is None and folder.is_dir():
+            _remove_previous_run(folder)  # only reached with --overwrite or an empty folder
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder / CONFIG_FILE)
         return _loop(cfg, learner, params, start, folder, progress, stop_after)
     finally:
         sampler.close()
+
+
+def _remove_previous_run(folder: Path) -> None:
+    """Delete a previous run's files (RUN_FILES and TensorBoard events) from ``folder``."""
+    for path in [*(folder / name for name in RUN_FILES), *folder.glob(EVENT_FILES)]:
+        if path.is_file():
+            path.unlink()
 
 
 def _loop(

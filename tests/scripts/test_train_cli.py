@@ -130,6 +130,25 @@ def test_non_empty_folder_refused(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_the_previous_run_only(tmp_path):
+    """--overwrite starts over: the old run's TensorBoard events, checkpoint and evaluation
+    results are gone (one run's curves, not two mixed), other files stay."""
+    folder = tmp_path / "run"
+    assert train_cli.main([*TINY, "--output-folder", str(folder)]) == 0
+    assert evaluate_cli.main(["--run", str(folder), "--meta-batch-size", "2", "--num-batches", "1",
+                              "--no-progress"]) == 0  # fmt: skip
+    (folder / "notes.txt").write_text("keep me")
+    old_events = sorted(folder.glob("events.out.tfevents.*"))
+    assert len(old_events) == 1 and (folder / "results.csv").is_file()
+    argv = [*TINY, "--num-batches", "1", "--output-folder", str(folder), "--overwrite"]
+    assert train_cli.main(argv) == 0
+    events = sorted(folder.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events != old_events
+    assert not (folder / "results.csv").exists() and not (folder / "results.npz").exists()
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == 1
+
+
 def _yaml(tmp_path: Path, text: str) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(text)
