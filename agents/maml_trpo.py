@@ -47,6 +47,7 @@ from binom_rl.metagrad import (
     prepare_meta_products,
 )
 from binom_rl.rl import (
+    CGResult,
     cg_solve,
     flatten_params,
     line_search,
@@ -323,6 +324,19 @@ class MetaLearner:
         loss, kl = vmap(self.surrogate_and_kl)(path[-1], outer_data)
         return loss.mean(), kl.mean()
 
+    def _step_direction(
+        self, path: list[Params], inner_data: list, outer_data: dict, g: Params
+    ) -> CGResult:
+        """CG solve of (F + cg-damping I) s = g. The graphs its products cache die when this
+        returns, before the line search builds its own."""
+        fvp_op = self.fvp_operator(path, inner_data, outer_data)
+
+        def fvp(v_flat: Tensor) -> Tensor:
+            fv = fvp_op(unflatten_params(v_flat, g))
+            return flatten_params(fv) + self.cfg.cg_damping * v_flat
+
+        return cg_solve(fvp, flatten_params(g), self.cfg.cg_iters)
+
     def trpo_step(
         self, params: Params, adaptation: AdaptationResult, diagnose: bool = False
     ) -> tuple[Params, dict[str, float]]:
@@ -347,15 +361,9 @@ class MetaLearner:
         fvp_inner = [_every_nth_episode(d, cfg.fvp_subsample) for d in inner_data]
         fvp_valid = _every_nth_episode(valid, cfg.fvp_subsample)
 
-        fvp_op = self.fvp_operator(path, fvp_inner, fvp_valid)
-
-        def fvp(v_flat: Tensor) -> Tensor:
-            fv = fvp_op(unflatten_params(v_flat, g))
-            return flatten_params(fv) + cfg.cg_damping * v_flat
-
         # s^T F s from the products CG already made (F s = sum_i alpha_i F p_i): the same
         # quantity as one more explicit product, up to rounding, at no extra cost.
-        step_dir, f_step = cg_solve(fvp, g_flat, cfg.cg_iters)
+        step_dir, f_step = self._step_direction(path, fvp_inner, fvp_valid, g)
         shs = 0.5 * torch.dot(step_dir, f_step)
         _check_finite("conjugate-gradient step direction", step_dir, shs)
         full_step = -step_dir * torch.sqrt(cfg.max_kl / shs.clamp(min=1e-12))
