@@ -265,13 +265,15 @@ class MetaLearner:
     def meta_products(
         self, path: list[Params], inner_data: list, method: str | None = None,
         order: int | None = None, hessians: list[HessianProduct] | None = None,
+        many: bool = True,
     ) -> MetaProducts:  # fmt: skip
         """J_t^T and J_t products with the configured (or given) estimator.
 
-        With ``chunk-size`` resolving to None and ``hvp-mode: auto`` (the defaults), each
-        Hessian's graph is built once and reused by every product (the ~22 of a CG solve);
-        otherwise every product builds and frees its own, chunked, graphs. ``hessians``:
-        products kept from the inner steps (:meth:`adapt`), used instead of new graphs.
+        For ``many`` products (the ~20 of a CG solve), with ``chunk-size`` resolving to None
+        and ``hvp-mode: auto`` (the defaults), each Hessian's graph is built once and reused
+        (reverse-over-reverse); otherwise every product builds and frees its own, chunked,
+        graphs (forward-over-reverse for auto). ``hessians``: products kept from the inner
+        steps (:meth:`adapt`), used instead of new graphs.
         """
         chunk_size = self.chunk_size(inner_data)
         return prepare_meta_products(
@@ -283,7 +285,7 @@ class MetaLearner:
             order=self.cfg.order if order is None else order,
             chunk_size=chunk_size,
             hvp_mode=self.cfg.hvp_mode,
-            cache=chunk_size is None and self.cfg.hvp_mode == "auto",
+            cache=many and chunk_size is None and self.cfg.hvp_mode == "auto",
             hessians=hessians,
         )
 
@@ -299,7 +301,8 @@ class MetaLearner:
         (``hessians``: the inner steps' kept Hessian products, see :meth:`adapt`)."""
         g_phi = vmap(grad(self.outer_loss))(path[-1], outer_data)
         order = self.cfg.num_steps if method == "maml" else None
-        per_task = self.meta_products(path, inner_data, method, order, hessians).vjp(g_phi)
+        products = self.meta_products(path, inner_data, method, order, hessians, many=False)
+        per_task = products.vjp(g_phi)
         return {k: v.mean(0) for k, v in per_task.items()}
 
     def fvp_operator(

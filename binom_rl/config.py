@@ -65,9 +65,9 @@ class Config:
     order: int = 1
     chunk_size: int | str | None = None  # None: all at once; "auto": default_chunk_size
     # Hessian-vector products. auto: with chunk-size null (or auto fitting everything at
-    # once), each Hessian's graph is built once per meta-step and reused by every product
-    # (reverse-over-reverse); with chunks, forward-over-reverse products recomputed each
-    # time (revrev fallback). fwdrev / revrev: always recompute, that way.
+    # once), each Hessian's graph is built once per CG solve and reused by all its products
+    # (reverse-over-reverse); single products and chunked ones are forward-over-reverse,
+    # built and freed each time (revrev fallback). fwdrev / revrev: always that way.
     hvp_mode: str = "auto"
     diagnose_every: int = 0
     # run
