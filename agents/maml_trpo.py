@@ -75,7 +75,8 @@ def _check_finite(where: str, *tensors: Tensor | dict) -> None:
 
 
 def _every_nth_episode(data: dict[str, Any], n: int) -> dict[str, Any]:
-    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (params untouched).
+    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (tensors of fewer
+    dims, such as a Gaussian's log sigma [T, act_dim], untouched).
 
     The kept episodes are copied into contiguous tensors once, so that the ~20 products
     of a conjugate-gradient solve do not work on strided views.
@@ -244,7 +245,11 @@ class MetaLearner:
         exact = cfg.estimator == "maml" or (
             cfg.estimator in ("trunc", "binom") and cfg.order >= cfg.num_steps
         )
-        return exact and cfg.chunk_size is None and cfg.hvp_mode == "auto"
+        return exact and self._reuses_graphs(cfg.chunk_size)
+
+    def _reuses_graphs(self, chunk_size: int | str | None) -> bool:
+        """Products may keep their Hessians' graphs: no chunking asked, hvp-mode auto."""
+        return chunk_size is None and self.cfg.hvp_mode == "auto"
 
     # ------------------------------------------------------------------ meta-gradient
 
@@ -285,7 +290,7 @@ class MetaLearner:
             order=self.cfg.order if order is None else order,
             chunk_size=chunk_size,
             hvp_mode=self.cfg.hvp_mode,
-            cache=many and chunk_size is None and self.cfg.hvp_mode == "auto",
+            cache=many and self._reuses_graphs(chunk_size),
             hessians=hessians,
         )
 

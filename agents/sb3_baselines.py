@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from binom_rl.agents.maml_trpo import derive_seed
 from binom_rl.agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy, make_policy
 from binom_rl.config import Config, ConfigError
+from binom_rl.envs.batch import check_task_protocol
 from binom_rl.sampler import MultiTaskSampler
 
 __all__ = [
@@ -87,12 +88,8 @@ class TaskDistributionWrapper(gym.Wrapper):
 
     def __init__(self, env: gym.Env, append_task: bool = False):
         super().__init__(env)
+        check_task_protocol(env)
         base = env.unwrapped
-        if not (
-            callable(getattr(base, "sample_tasks", None))
-            and callable(getattr(base, "reset_task", None))
-        ):
-            raise ValueError(f"{env} does not implement sample_tasks / reset_task")
         self.append_task = append_task
         self._fixed: dict[str, Any] | None = None
         self.task: dict[str, Any] = base.sample_tasks(1)[0]

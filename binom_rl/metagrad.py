@@ -252,7 +252,11 @@ def batched_inner_step(
     inner_loss: LossFn, params: Params, data: Any, *, step_size: float
 ) -> Params:
     """phi' = phi - a grad L(phi, data), for a leading task dimension on params and data."""
-    grads = vmap(grad(inner_loss))(params, data)
+    return _descend(params, vmap(grad(inner_loss))(params, data), step_size)
+
+
+def _descend(params: Params, grads: Params, step_size: float) -> Params:
+    """phi - a g, detached: the path stores values; products rebuild graphs as needed."""
     return {k: (params[k] - step_size * grads[k]).detach() for k in params}
 
 
@@ -276,7 +280,7 @@ def batched_inner_step_with_hessian(
     """:func:`batched_inner_step` that also returns H = hess L(params) as a product built
     on the step's own graph (see :func:`hessian_product`), for a later meta-gradient."""
     grads, hvp = hessian_product(inner_loss, params, data)
-    return {k: (params[k] - step_size * grads[k]).detach() for k in params}, hvp
+    return _descend(params, grads, step_size), hvp
 
 
 def batched_adapt(
