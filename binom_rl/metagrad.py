@@ -357,8 +357,8 @@ class _PathHessians:
     later product only runs the second backward pass (reverse-over-reverse: the pullback of
     grad L is H^T v = H v, H being symmetric). A conjugate-gradient solve applies the same
     Hessians 20+ times; rebuilding the forward and first backward pass for each product is
-    most of its cost (on 2D navigation, CPU: 17 ms per cached product against 41 ms
-    forward-over-reverse from scratch).
+    most of its cost (see the profile in the README: the CG solve's share of a 2D-navigation
+    meta-iteration fell from 1.55 s to 0.63 s).
     ``given``: the K products already built (kept from the inner steps), used as they are.
     """
 
