@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import grad, vjp, vmap
+from torch.func import vjp
 from torch.utils._pytree import tree_map
 
 from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
@@ -39,19 +39,21 @@ from binom_rl.metagrad import (
     HessianProduct,
     MetaProducts,
     Params,
+    TaskBatchedLoss,
     batched_adapt,
     batched_inner_step,
     batched_inner_step_with_hessian,
     default_chunk_size,
     mlp_hvp_bytes,
     prepare_meta_products,
+    task_gradients,
 )
 from binom_rl.rl import (
     CGResult,
     cg_solve,
     flatten_params,
     line_search,
-    masked_mean,
+    masked_mean_per_task,
     unflatten_params,
 )
 from binom_rl.sampler import Episodes, MultiTaskSampler
@@ -118,33 +120,41 @@ class MetaLearner:
             cfg.init_std,
         )
         self.baseline = LinearFeatureBaseline()
+        self.inner_loss = TaskBatchedLoss(self._inner_losses)
+        self.outer_loss = TaskBatchedLoss(self._outer_losses)
+        self.kl_loss = TaskBatchedLoss(self._kl_losses)
 
     # ------------------------------------------------------------------ losses (pure)
+    # Written over a leading task dim (params [T, ...], data [T, ...] -> losses [T]) and
+    # wrapped as TaskBatchedLoss: per-task gradients and HVPs are then gradients of the
+    # summed losses, without vmap (faster on CPU); called with one task's params and data
+    # (no task dim), each is the plain per-task loss.
 
-    def inner_loss(self, params: Params, data: dict[str, Tensor]) -> Tensor:
-        """Policy-gradient surrogate of one task: -mean over valid steps of log pi(a|s) A."""
+    def _inner_losses(self, params: Params, data: dict[str, Tensor]) -> Tensor:
+        """Policy-gradient surrogate per task: -mean over valid steps of log pi(a|s) A."""
         log_prob = self.policy.log_prob(params, data["obs"], data["actions"])
-        return -masked_mean(log_prob * data["advantages"], data["mask"])
+        return -masked_mean_per_task(log_prob * data["advantages"], data["mask"])
 
-    def outer_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
-        """TRPO surrogate of one task: -mean of pi(a|s) / pi_old(a|s) * A over valid steps."""
+    def _outer_losses(self, params: Params, data: dict[str, Any]) -> Tensor:
+        """TRPO surrogate per task: -mean of pi(a|s) / pi_old(a|s) * A over valid steps."""
         return self._surrogate(self.policy.dist_params(params, data["obs"]), data)
 
-    def kl_loss(self, params: Params, data: dict[str, Any]) -> Tensor:
-        """Mean KL(pi_old || pi_params) over valid steps of one task."""
+    def _kl_losses(self, params: Params, data: dict[str, Any]) -> Tensor:
+        """Mean KL(pi_old || pi_params) over valid steps, per task."""
         return self._kl(self.policy.dist_params(params, data["obs"]), data)
 
     def surrogate_and_kl(self, params: Params, data: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """outer_loss and kl_loss of one task from one forward pass (the line search's check)."""
+        """Outer losses and KLs per task ([T] each) from one forward pass (the line
+        search's check); params and data with a leading task dim."""
         dist = self.policy.dist_params(params, data["obs"])
         return self._surrogate(dist, data), self._kl(dist, data)
 
     def _surrogate(self, dist: Any, data: dict[str, Any]) -> Tensor:
         ratio = torch.exp(self.policy.log_prob_dist(dist, data["actions"]) - data["old_log_prob"])
-        return -masked_mean(ratio * data["advantages"], data["mask"])
+        return -masked_mean_per_task(ratio * data["advantages"], data["mask"])
 
     def _kl(self, dist: Any, data: dict[str, Any]) -> Tensor:
-        return masked_mean(self.policy.kl_dist(data["old_dist"], dist), data["mask"])
+        return masked_mean_per_task(self.policy.kl_dist(data["old_dist"], dist), data["mask"])
 
     def fisher_operator(self, params: Params, data: dict[str, Any]) -> Callable[[Params], Params]:
         """u -> F_t u_t for every task t (leading task dim): F_t the Hessian of kl_loss at
@@ -155,7 +165,7 @@ class MetaLearner:
         The graph of grad KL is built once and its pullback reused by every call (a CG
         solve makes 11): reverse-over-reverse, the pullback of a gradient being H^T u = H u.
         """
-        _, pullback = vjp(lambda p: vmap(grad(self.kl_loss))(p, data), params)
+        _, pullback = vjp(lambda p: task_gradients(self.kl_loss, p, data), params)
         return lambda u: pullback(u)[0]
 
     # ------------------------------------------------------------------ sampling
@@ -196,8 +206,8 @@ class MetaLearner:
         distribution parameters (for the KL), each computed once."""
         valid: dict[str, Any] = self._batch(episodes)
         with torch.no_grad():
-            old_dist = vmap(self.policy.dist_params)(phi_old, valid["obs"])
-            valid["old_log_prob"] = vmap(self.policy.log_prob_dist)(old_dist, valid["actions"])
+            old_dist = self.policy.dist_params(phi_old, valid["obs"])
+            valid["old_log_prob"] = self.policy.log_prob_dist(old_dist, valid["actions"])
         valid["old_dist"] = old_dist
         _check_finite("log-probabilities of the validation episodes", valid["old_log_prob"])
         return valid
@@ -304,7 +314,7 @@ class MetaLearner:
     ) -> Params:
         """mean_t J_t^T grad L_out(phi_K^t) with the configured (or given) estimator
         (``hessians``: the inner steps' kept Hessian products, see :meth:`adapt`)."""
-        g_phi = vmap(grad(self.outer_loss))(path[-1], outer_data)
+        g_phi = task_gradients(self.outer_loss, path[-1], outer_data)
         order = self.cfg.num_steps if method == "maml" else None
         products = self.meta_products(path, inner_data, method, order, hessians, many=False)
         per_task = products.vjp(g_phi)
@@ -329,7 +339,7 @@ class MetaLearner:
     ) -> tuple[Tensor, Tensor]:
         """Mean outer loss and KL after re-adapting ``params`` on the stored inner episodes."""
         path = batched_adapt(self.inner_loss, params, inner_data, step_size=self.cfg.fast_lr)
-        loss, kl = vmap(self.surrogate_and_kl)(path[-1], outer_data)
+        loss, kl = self.surrogate_and_kl(path[-1], outer_data)
         return loss.mean(), kl.mean()
 
     def _step_direction(
@@ -356,7 +366,7 @@ class MetaLearner:
 
         # At phi_K itself the ratio is exactly 1 (old_log_prob is this very log-prob), so
         # the surrogate is -mean(A): no forward pass needed.
-        loss_before = vmap(lambda d: -masked_mean(d["advantages"], d["mask"]))(valid).mean()
+        loss_before = -masked_mean_per_task(valid["advantages"], valid["mask"]).mean()
         _check_finite("outer surrogate loss", loss_before)
         g = self.meta_gradient(path, inner_data, valid, hessians=adaptation.hessians)
         adaptation.hessians = None  # free the inner steps' graphs before CG builds its own

@@ -62,8 +62,9 @@ class _MLPPolicyBase(nn.Module):
         """Hand-written forward over the dict (vmap-friendly, no module state).
 
         Parameters with a leading task dim T (weights [T, out, in]) take obs [T, ..., in]
-        and run one batched matmul per layer. The sampler calls it that way once per env
-        step, where vmap's own per-call cost is a large part of such a small forward.
+        and run one batched matmul per layer, without vmap: the sampler calls it that way
+        once per env step (where vmap's own per-call cost is a large part of such a small
+        forward), and the meta-learner's task-batched losses for every gradient and HVP.
         """
         h = obs
         n = len(self.layers)
@@ -145,11 +146,20 @@ class GaussianMLPPolicy(_MLPPolicyBase):
 
     def dist_params(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
         """Distribution parameters (mu [..., act_dim], log sigma [act_dim]) of pi(.|obs),
-        log sigma clamped at ``min_log_std`` if set."""
+        log sigma clamped at ``min_log_std`` if set.
+
+        Task-batched params (leading task dim T, obs [T, ..., obs_dim]): log sigma comes as
+        [T, 1, ..., 1, act_dim], broadcastable against mu [T, ..., act_dim], so that
+        log_prob_dist and kl_dist work on the whole batch unchanged.
+        """
         log_std = params["log_std"]
         if self.min_log_std is not None:
             log_std = torch.clamp(log_std, min=self.min_log_std)
-        return self._mlp(params, obs), log_std
+        mean = self._mlp(params, obs)
+        if log_std.dim() == 2:
+            num_tasks, act_dim = log_std.shape
+            log_std = log_std.reshape(num_tasks, *(1,) * (mean.dim() - 2), act_dim)
+        return mean, log_std
 
     @staticmethod
     def kl_dist(old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> Tensor:
@@ -290,7 +300,5 @@ def batched_sample(
     """
     if isinstance(policy, GaussianMLPPolicy):
         mean, std = policy.mean_and_std(stacked_params, obs)  # task-batched _mlp, no vmap
-        # std is [T, act_dim]: broadcast it over the per-task batch dims of mean.
-        std = std.reshape(std.shape[:1] + (1,) * (mean.dim() - 2) + std.shape[1:])
         return policy._noise(mean, std, generator)
     return policy._draw(policy.logits(stacked_params, obs), generator)

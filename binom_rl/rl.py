@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "masked_mean",
+    "masked_mean_per_task",
     "discounted_returns",
     "gae",
     "normalize_advantages",
@@ -43,6 +44,13 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     # Count the mask over x's full shape so trailing dims are averaged too.
     denom = torch.broadcast_to(m, x.shape).sum().clamp(min=1.0)
     return (x * m).sum() / denom
+
+
+def masked_mean_per_task(x: Tensor, mask: Tensor) -> Tensor:
+    """:func:`masked_mean` of each x[t] with mask[t] along the leading (task) dim: [T]."""
+    m = _expand_mask(mask, x).to(x.dtype)
+    denom = torch.broadcast_to(m, x.shape).flatten(1).sum(1).clamp(min=1.0)
+    return (x * m).flatten(1).sum(1) / denom
 
 
 def _shift_next(x: Tensor) -> Tensor:

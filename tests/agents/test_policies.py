@@ -120,11 +120,26 @@ def test_task_batched_forward_equals_per_task(which, gauss, cat):
     pol = gauss if which == "gauss" else cat
     per_task = [_perturbed(pol.init_params(0), s) for s in range(3)]
     obs = torch.randn(3, 4, 5, OBS_DIM)
+    new = [_perturbed(p, 10 + i, scale=0.1) for i, p in enumerate(per_task)]
+    if which == "gauss":
+        act = torch.randn(3, 4, 5, ACT_DIM)
+    else:
+        act = torch.randint(0, N_ACT, (3, 4, 5))
     batched = pol.dist_params(_stack(per_task), obs)
+    batched_new = pol.dist_params(_stack(new), obs)
+    log_prob = pol.log_prob_dist(batched, act)
+    kl = pol.kl_dist(batched, batched_new)
     for t in range(3):
         ref = pol.dist_params(per_task[t], obs[t])
-        got = torch.utils._pytree.tree_map(lambda x, t=t: x[t], batched)
-        torch.testing.assert_close(got, ref)
+        if which == "gauss":
+            # log sigma comes broadcastable against mu: [T, 1, 1, act_dim].
+            assert batched[1].shape == (3, 1, 1, ACT_DIM)
+            torch.testing.assert_close(batched[0][t], ref[0])
+            torch.testing.assert_close(batched[1][t].reshape(ACT_DIM), ref[1])
+        else:
+            torch.testing.assert_close(batched[t], ref)
+        torch.testing.assert_close(log_prob[t], pol.log_prob(per_task[t], obs[t], act[t]))
+        torch.testing.assert_close(kl[t], pol.kl(per_task[t], new[t], obs[t]))
 
 
 def test_grad_and_hvp_through_log_prob(gauss):

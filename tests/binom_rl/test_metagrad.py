@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from binom_rl.metagrad import (
+    TaskBatchedLoss,
     adapt,
     batched_adapt,
+    batched_hvp,
     batched_inner_step_with_hessian,
     batched_meta_gradient,
     batched_meta_jvp,
@@ -23,6 +25,7 @@ from binom_rl.metagrad import (
     meta_jvp,
     meta_vjp,
     prepare_meta_products,
+    task_gradients,
 )
 
 ALPHA = 0.1
@@ -420,3 +423,67 @@ def test_functional_model_matches_module():
     x = torch.randn(5, 1)
     torch.testing.assert_close(forward(params, x), module(x))
     assert set(params) == {n for n, _ in module.named_parameters()}
+
+
+# --------------------------------------------------------------------------- task-batched losses
+
+
+def _task_batched_mlp_losses(p, data):
+    """The _MLP squared error written over a leading task dim (one bmm per layer, no vmap):
+    params [T, ...], data [T, n, 1] -> losses [T]."""
+    h = data["x"]
+    for name in ("net.0", "net.2"):
+        h = torch.tanh(torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), h,
+                                     p[f"{name}.weight"].transpose(1, 2)))  # fmt: skip
+    out = torch.baddbmm(p["head.bias"].unsqueeze(1), h, p["head.weight"].transpose(1, 2))
+    return ((out - data["y"]) ** 2).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("hvp_mode,chunk_size", [("auto", None), ("revrev", None), ("fwdrev", 1)])
+def test_task_batched_loss_equals_vmapped_per_task_loss(hvp_mode, chunk_size):
+    """A TaskBatchedLoss (gradients of the summed losses, no vmap) gives the per-task
+    loss' gradients, HVPs and meta-products (vmap path), and its per-task call is the loss."""
+    K, T = 3, 3
+    params, loss, _, outer = _mlp_problem(K, torch.float64, seed=2)
+    tasks = [_mlp_problem(K, torch.float64, seed=40 + t)[2] for t in range(T)]
+    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
+             for k in range(K)]  # fmt: skip
+    batched_loss = TaskBatchedLoss(_task_batched_mlp_losses)
+    torch.testing.assert_close(
+        batched_loss(params, _index_task(inner[0], 1)), loss(params, _index_task(inner[0], 1))
+    )
+    path = batched_adapt(loss, params, inner, step_size=0.05)
+    for a, b in zip(path, batched_adapt(batched_loss, params, inner, step_size=0.05), strict=True):
+        torch.testing.assert_close(_cat(a), _cat(b))
+    torch.testing.assert_close(
+        _cat(task_gradients(batched_loss, path[1], inner[1])),
+        _cat(task_gradients(loss, path[1], inner[1])),
+    )
+    gen = torch.Generator().manual_seed(5)
+    v = {k: torch.randn((T, *x.shape), generator=gen, dtype=x.dtype) for k, x in params.items()}
+    torch.testing.assert_close(
+        _cat(batched_hvp(batched_loss, path[1], inner[1], v, chunk_size, hvp_mode)),
+        _cat(batched_hvp(loss, path[1], inner[1], v)),
+    )
+    for method, order in [("maml", None), ("binom", 1), ("binom", 2)]:
+        kw = dict(step_size=0.05, method=method, order=order)
+        ref = prepare_meta_products(loss, path, inner, **kw)
+        cache = chunk_size is None and hvp_mode == "auto"
+        got = prepare_meta_products(
+            batched_loss, path, inner, chunk_size=chunk_size, hvp_mode=hvp_mode, cache=cache, **kw
+        )
+        torch.testing.assert_close(_cat(got.vjp(v)), _cat(ref.vjp(v)))
+        torch.testing.assert_close(_cat(got.jvp(v)), _cat(ref.jvp(v)))
+    # The meta-gradient against plain autograd through each task's unrolled loop.
+    outer_b = {key: torch.stack([outer[key]] * T) for key in ("x", "y")}
+    got = batched_meta_gradient(batched_loss, batched_loss, params, inner, outer_b,
+                                step_size=0.05, method="maml", reduction="none")  # fmt: skip
+    for t in range(T):
+        want = _unrolled_meta_gradient(
+            loss, params, [_index_task(d, t) for d in inner], outer, 0.05
+        )
+        torch.testing.assert_close(_cat({k: x[t] for k, x in got.items()}), _cat(want))
+
+
+def _index_task(d, t):
+    return {k: x[t] for k, x in d.items()}

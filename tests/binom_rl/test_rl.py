@@ -14,12 +14,27 @@ from binom_rl.rl import (
     gae,
     line_search,
     masked_mean,
+    masked_mean_per_task,
     normalize_advantages,
     tree_add,
     tree_dot,
     tree_scale,
     unflatten_params,
 )
+
+
+def test_masked_mean_per_task_by_hand():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]], [[9.0, 9.0], [9.0, 9.0]]])
+    mask = torch.tensor([[[1, 1], [0, 1]], [[1, 0], [0, 0]], [[0, 0], [0, 0]]])
+    got = masked_mean_per_task(x, mask)
+    # (1 + 2 + 4) / 3, 5 / 1, and an all-masked task: 0 (the count is clamped at 1).
+    torch.testing.assert_close(got, torch.tensor([7.0 / 3.0, 5.0, 0.0]))
+    for t in range(2):
+        torch.testing.assert_close(got[t], masked_mean(x[t], mask[t]))
+    # trailing dims of x beyond the mask are averaged too, as in masked_mean
+    y = torch.randn(3, 2, 2, 4)
+    for t in range(3):
+        torch.testing.assert_close(masked_mean_per_task(y, mask)[t], masked_mean(y[t], mask[t]))
 
 
 def test_masked_mean():
