@@ -16,6 +16,7 @@ import sys
 
 from binom_rl.agents.compare import CompareOptions, run_comparison
 from binom_rl.config import ConfigError, add_config_flags, overrides_from_args
+from binom_rl.runtime import reuse_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_timesteps=args.baseline_timesteps,
         progress=not args.no_progress,
     )
+    reuse_freed_memory()  # the baselines train in this process; the runs call train.py
     try:
         plan, rows, failures = run_comparison(options)
     except ConfigError as err:

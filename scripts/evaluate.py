@@ -12,6 +12,7 @@ import sys
 
 from binom_rl.agents.evaluation import evaluate_params, format_table, load_run, write_results
 from binom_rl.config import ConfigError
+from binom_rl.runtime import reuse_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg, params = load_run(args.run, args.device)
+        reuse_freed_memory()
         returns = evaluate_params(
             cfg,
             params,

@@ -15,6 +15,7 @@ import torch
 
 from binom_rl.agents.profiling import format_profile, profile_iterations
 from binom_rl.config import Config, ConfigError, add_config_flags, load_yaml, overrides_from_args
+from binom_rl.runtime import reuse_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.torch_threads < 1:
                 raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
             torch.set_num_threads(args.torch_threads)
+        reuse_freed_memory()
         medians = profile_iterations(cfg, args.iterations, args.skip)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{cfg.env_name}, estimator {cfg.estimator} (order {cfg.order}), K = {cfg.num_steps}, "
-          f"{torch.get_num_threads()} torch threads, median of iterations "
-          f"{args.skip}..{args.iterations - 1}:\n")
+    print(
+        f"{cfg.env_name}, estimator {cfg.estimator} (order {cfg.order}), K = {cfg.num_steps}, "
+        f"{torch.get_num_threads()} torch threads, median of iterations "
+        f"{args.skip}..{args.iterations - 1}:\n"
+    )
     print(format_profile(medians))
     return 0
 

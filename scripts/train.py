@@ -14,6 +14,7 @@ import torch
 from binom_rl.agents.maml_trpo import NonFiniteError
 from binom_rl.agents.training import resume_config, train
 from binom_rl.config import Config, ConfigError, add_config_flags, load_yaml, overrides_from_args
+from binom_rl.runtime import reuse_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.torch_threads < 1:
                 raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
             torch.set_num_threads(args.torch_threads)
+        reuse_freed_memory()
         metrics = train(
             cfg,
             args.output_folder,
