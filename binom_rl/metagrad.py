@@ -25,9 +25,10 @@ Estimators of these products (``method``):
       level l:  w^(l)_k = H_k S^(l-1)_{k+1}        (only k <= K - l are non-zero)
       result:   v + sum_l (-a)^l sum_k w^(l)_k
 
-  Every HVP of one level is independent of the others, so a level is one vmap call over
-  all (task, step) pairs: the depth is L, not K. Only vectors survive between levels, so
-  memory does not grow with K beyond the K stored parameter vectors and the data.
+  Every HVP of one level is independent of the others, so a level is one batched call over
+  all (task, step) pairs (vmap, or a TaskBatchedLoss on T x K pairs): the depth is L, not
+  K. Only vectors survive between levels, so memory does not grow with K beyond the K
+  stored parameter vectors and the data.
   ``meta_jvp`` runs the same cascade over the steps in reverse order (prefix sums).
 
 Every function has a task-batched twin (``batched_*``): parameters shared, data and paths

@@ -712,9 +712,11 @@ def report_markdown(res: dict[str, Any], opts: MetastepOptions) -> str:
         f"masks. fast-lr {opts.fast_lr}, float32, median of {opts.repeats} call(s) after "
         f"{opts.warmup} warm-up. Memory: {mem}.",
         "",
-        "Estimators: BinomMAML L (cascade of vmapped HVP levels; L = K is exact and runs the "
-        "sequential product), TruncMAML L = min(2, K), exact = the engine's batched exact "
-        "MAML (K sequential vmapped HVPs), vanilla reference = backprop through the unrolled "
+        "Estimators: BinomMAML L (cascade of HVP levels, each one call over all (task, step) "
+        "pairs; L = K is exact and runs the sequential product), TruncMAML L = min(2, K), "
+        "exact = the engine's batched exact MAML (K sequential HVPs, each over all tasks; the "
+        "learner's losses are task-batched, so unchunked HVPs need no vmap), vanilla "
+        "reference = backprop through the unrolled "
         "inner loop per task in a Python loop (create_graph=True), Fisher-vector products by "
         "double backward through the unrolled graph, as MAML-RL code bases do it.",
         "",
