@@ -324,8 +324,10 @@ class MetaLearner:
         self, path: list[Params], inner_data: list, outer_data: dict
     ) -> Callable[[Params], Params]:
         """v -> mean_t J_t^T F_{phi_K^t} J_t v (without damping), for many v: the graphs
-        this needs are built on the first product and reused (see :meth:`meta_products`)."""
-        products = self.meta_products(path, inner_data)
+        this needs are built on the first product and reused (see :meth:`meta_products`).
+        J products with ``fvp-estimator`` / ``fvp-order`` (default: the meta-gradient's)."""
+        method, order = self.cfg.fvp_method()
+        products = self.meta_products(path, inner_data, method, order)
         fisher = self.fisher_operator(path[-1], outer_data)
 
         def fvp(v: Params) -> Params:

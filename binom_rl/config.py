@@ -63,6 +63,10 @@ class Config:
     # meta-gradient estimator
     estimator: str = "binom"
     order: int = 1
+    # The J products inside the Fisher-vector products (the ~20 of a CG solve) may use
+    # another estimator than the meta-gradient; null: the same estimator and order.
+    fvp_estimator: str | None = None
+    fvp_order: int | None = None
     chunk_size: int | str | None = None  # None: all at once; "auto": default_chunk_size
     # Hessian-vector products. auto: with chunk-size null (or auto fitting everything at
     # once), each Hessian's graph is built once per CG solve and reused by all its products
@@ -138,14 +142,15 @@ class Config:
             raise ConfigError(
                 f"estimator must be one of {', '.join(METHODS)}, got {self.estimator!r}"
             )
-        if self.estimator in ("trunc", "binom"):
-            if self.order < 0:
-                raise ConfigError(f"order must be >= 0, got {self.order}")
-            if self.order > self.num_steps:
+        self._check_order("estimator", self.estimator, "order", self.order)
+        if self.fvp_estimator is not None or self.fvp_order is not None:
+            if self.fvp_estimator is not None and self.fvp_estimator not in METHODS:
                 raise ConfigError(
-                    f"order {self.order} > num-steps {self.num_steps}: {self.estimator} keeps at "
-                    f"most num-steps Hessian factors (order = num-steps is already exact MAML)"
+                    f"fvp-estimator must be one of {', '.join(METHODS)} or null, "
+                    f"got {self.fvp_estimator!r}"
                 )
+            method, order = self.fvp_method()
+            self._check_order("fvp-estimator", method, "fvp-order", order)
         if isinstance(self.chunk_size, str):
             if self.chunk_size != "auto":
                 raise ConfigError(
@@ -171,6 +176,22 @@ class Config:
             raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+    def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
+        if method in ("trunc", "binom"):
+            if order < 0:
+                raise ConfigError(f"{order_key} must be >= 0, got {order}")
+            if order > self.num_steps:
+                raise ConfigError(
+                    f"{order_key} {order} > num-steps {self.num_steps}: {method} ({what}) keeps "
+                    f"at most num-steps Hessian factors (order = num-steps is already exact MAML)"
+                )
+
+    def fvp_method(self) -> tuple[str, int]:
+        """(estimator, order) of the J products inside Fisher-vector products."""
+        method = self.fvp_estimator if self.fvp_estimator is not None else self.estimator
+        return method, self.fvp_order if self.fvp_order is not None else self.order
 
 
 def _key(name: str) -> str:

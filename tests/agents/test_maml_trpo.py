@@ -184,11 +184,17 @@ def test_maml_meta_gradient_equals_unrolled_autograd(samplers, num_steps):
         torch.testing.assert_close(got[k], e, rtol=1e-4, atol=1e-6)
 
 
-def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"estimator": "binom", "order": 1, "fvp-estimator": "maml"}],
+    ids=["maml", "binom-gradient-exact-fvp"],
+)
+def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers, overrides):
     """F_theta v = J^T F_phi J v equals the Hessian in theta of mean_t KL(pi_old || pi_phi_K(theta))
     at theta (exact there: the KL's gradient vanishes), by double backprop through the
-    unrolled inner steps."""
-    learner = _learner(samplers, **{"num-steps": 2})
+    unrolled inner steps; also with exact J products for the Fisher (fvp-estimator maml)
+    under a BinomMAML meta-gradient."""
+    learner = _learner(samplers, **{"num-steps": 2, **overrides})
     params, adaptation, valid = _adapted(learner, seed=2)
     g = torch.Generator().manual_seed(1)
     v = {k: torch.randn(x.shape, generator=g) for k, x in params.items()}
@@ -301,3 +307,21 @@ def test_hvp_modes_give_the_same_trpo_step(samplers):
         steps.append(flatten_params(new_params) - flatten_params(params))
     assert steps[0].norm() > 0
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-6)
+
+
+def test_fvp_estimator_fomaml_is_the_fisher_at_phi_k(samplers):
+    """fvp-estimator fomaml (J = I in the Fisher products) gives mean_t F_{phi_K^t} v, while
+    the meta-gradient keeps the configured estimator."""
+    learner = _learner(samplers, **{"num-steps": 2, "fvp-estimator": "fomaml"})
+    params, adaptation, valid = _adapted(learner, seed=4)
+    g = torch.Generator().manual_seed(2)
+    v = {k: torch.randn(x.shape, generator=g) for k, x in params.items()}
+    got = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid)(v)
+    per_task = {k: x.unsqueeze(0).expand(learner.cfg.meta_batch_size, *x.shape)
+                for k, x in v.items()}  # fmt: skip
+    fisher = learner.fisher_operator(adaptation.path[-1], valid)(per_task)
+    for k in v:
+        torch.testing.assert_close(got[k], fisher[k].mean(0))
+    exact = _learner(samplers, **{"num-steps": 2})
+    full = exact.fvp_operator(adaptation.path, adaptation.inner_data, valid)(v)
+    assert any(not torch.allclose(got[k], full[k]) for k in v)  # the J factors matter here

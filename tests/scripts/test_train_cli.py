@@ -173,6 +173,11 @@ BAD_FLAGS = {
         "order 3 > num-steps 2",
     ),
     "unknown estimator": (["--estimator", "sgd"], "estimator must be one of"),
+    "unknown fvp estimator": (["--fvp-estimator", "sgd"], "fvp-estimator must be one of"),
+    "fvp order > steps": (
+        ["--fvp-estimator", "binom", "--fvp-order", "2", "--num-steps", "1"],
+        "fvp-order 2 > num-steps 1",
+    ),
     "unknown hvp mode": (["--hvp-mode", "fast"], "hvp-mode must be one of"),
     "unknown env id": (["--env-name", "binom_rl/Nope-v0"], "binom_rl/HalfCheetahVel-v0"),
     "env without task protocol": (
