@@ -321,13 +321,14 @@ class MetaLearner:
         return {k: v.mean(0) for k, v in per_task.items()}
 
     def fvp_operator(
-        self, path: list[Params], inner_data: list, outer_data: dict
+        self, path: list[Params], inner_data: list, outer_data: dict, method: str | None = None
     ) -> Callable[[Params], Params]:
         """v -> mean_t J_t^T F_{phi_K^t} J_t v (without damping), for many v: the graphs
         this needs are built on the first product and reused (see :meth:`meta_products`).
-        J products with ``fvp-estimator`` / ``fvp-order`` (default: the meta-gradient's)."""
-        method, order = self.cfg.fvp_method()
-        products = self.meta_products(path, inner_data, method, order)
+        J products with ``method``, by default ``fvp-estimator`` / ``fvp-order`` (which
+        default to the meta-gradient's)."""
+        fvp_method, order = self.cfg.fvp_method()
+        products = self.meta_products(path, inner_data, method or fvp_method, order)
         fisher = self.fisher_operator(path[-1], outer_data)
 
         def fvp(v: Params) -> Params:
@@ -414,6 +415,7 @@ class MetaLearner:
         }
         if diagnose:
             metrics.update(self.diagnose(path, inner_data, valid, g_flat))
+            metrics.update(self.diagnose_fvp(path, fvp_inner, fvp_valid, step_dir, f_step))
         return new_params, metrics
 
     def diagnose(
@@ -424,6 +426,24 @@ class MetaLearner:
         cos = torch.dot(g_flat, exact) / (g_flat.norm() * exact.norm()).clamp(min=1e-30)
         rel = (g_flat - exact).norm() / exact.norm().clamp(min=1e-30)
         return {"metagrad/cosine_to_exact": float(cos), "metagrad/rel_error_to_exact": float(rel)}
+
+    def diagnose_fvp(
+        self, path: list[Params], inner_data: list, outer_data: dict, step_dir: Tensor,
+        f_step: Tensor,
+    ) -> dict[str, float]:  # fmt: skip
+        """Cosine and relative error of the Fisher-vector product the CG solve worked with,
+        (F + damping) s from its own products, to the exact (J^T F J + damping) s, along the
+        step direction s: the curvature the trust region saw where it stepped."""
+        fvp = self.fvp_operator(path, inner_data, outer_data, method="maml")
+        theta_like = {k: v[0] for k, v in path[0].items()}  # path has a leading task dim
+        exact = flatten_params(fvp(unflatten_params(step_dir, theta_like)))
+        exact = exact + self.cfg.cg_damping * step_dir
+        cos = torch.dot(f_step, exact) / (f_step.norm() * exact.norm()).clamp(min=1e-30)
+        rel = (f_step - exact).norm() / exact.norm().clamp(min=1e-30)
+        return {
+            "metagrad/fvp_cosine_to_exact": float(cos),
+            "metagrad/fvp_rel_error_to_exact": float(rel),
+        }
 
     # ------------------------------------------------------------------ one iteration
 

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.config import Config
 from binom_rl.metagrad import batched_hvp
-from binom_rl.rl import flatten_params
+from binom_rl.rl import flatten_params, unflatten_params
 from binom_rl.sampler import MultiTaskSampler
 
 NAV = "binom_rl/2DNavigation-v0"
@@ -280,11 +280,36 @@ def test_diagnose_cosine(samplers, estimator, order):
         assert rel > 0  # an approximation on two inner steps
 
 
+@pytest.mark.parametrize("estimator,order", [("maml", 2), ("binom", 1)])
+def test_diagnose_fvp_against_exact(samplers, estimator, order):
+    """The Fisher-vector product the CG solve used, along its step, against the exact one:
+    zero error for maml, the explicit approximate product's error for binom L = 1."""
+    learner = _learner(samplers, estimator=estimator, order=order, **{"num-steps": 2})
+    params, adaptation, valid = _adapted(learner, seed=7)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(flatten_params(params).shape, generator=g)
+    damping = learner.cfg.cg_damping
+    approx = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid)
+    f_s = flatten_params(approx(unflatten_params(s, params))) + damping * s
+    out = learner.diagnose_fvp(adaptation.path, adaptation.inner_data, valid, s, f_s)
+    exact_op = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid, method="maml")
+    exact = flatten_params(exact_op(unflatten_params(s, params))) + damping * s
+    want_rel = float((f_s - exact).norm() / exact.norm())
+    assert out["metagrad/fvp_rel_error_to_exact"] == pytest.approx(want_rel, rel=1e-4, abs=1e-6)
+    if estimator == "maml":
+        assert out["metagrad/fvp_rel_error_to_exact"] < 1e-5
+        assert out["metagrad/fvp_cosine_to_exact"] == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert out["metagrad/fvp_rel_error_to_exact"] > 1e-6
+
+
 def test_diagnose_metrics_in_meta_iteration(samplers):
     learner = _learner(samplers, estimator="fomaml", order=0)
     _, metrics = learner.meta_iteration(learner.init_params(0), iteration=0, diagnose=True)
     assert -1.0 <= metrics["metagrad/cosine_to_exact"] <= 1.0 + 1e-6
     assert math.isfinite(metrics["metagrad/rel_error_to_exact"])
+    assert -1.0 <= metrics["metagrad/fvp_cosine_to_exact"] <= 1.0 + 1e-6
+    assert metrics["metagrad/fvp_rel_error_to_exact"] > 0  # fomaml's J = I at K = 1
 
 
 def test_fvp_subsample_runs(samplers):
