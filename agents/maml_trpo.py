@@ -106,7 +106,12 @@ class AdaptationResult:
 
 
 class MetaLearner:
-    """MAML-TRPO with a pluggable meta-gradient estimator (``cfg.estimator``, ``cfg.order``)."""
+    """MAML-TRPO with a pluggable meta-gradient estimator (``cfg.estimator``, ``cfg.order``).
+
+    ``inner_loss``, ``outer_loss`` and ``kl_loss`` are :class:`TaskBatchedLoss` objects:
+    ``learner.inner_loss(params, data)`` is one task's loss, ``learner.inner_loss.fn`` the
+    losses of a task-batched ``params`` and ``data``.
+    """
 
     def __init__(self, cfg: Config, sampler: MultiTaskSampler, policy: Policy | None = None):
         self.cfg = cfg
@@ -163,7 +168,7 @@ class MetaLearner:
         parameters, positive semi-definite).
 
         The graph of grad KL is built once and its pullback reused by every call (a CG
-        solve makes 11): reverse-over-reverse, the pullback of a gradient being H^T u = H u.
+        solve makes cg-iters): reverse-over-reverse, the pullback of a gradient being H^T u = H u.
         """
         _, pullback = vjp(lambda p: task_gradients(self.kl_loss, p, data), params)
         return lambda u: pullback(u)[0]
