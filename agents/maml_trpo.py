@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import vjp
+from torch.func import grad, vjp
 from torch.utils._pytree import tree_map
 
 from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
@@ -212,6 +212,23 @@ class MetaLearner:
         valid: dict[str, Any] = self._batch(episodes)
         with torch.no_grad():
             old_dist = self.policy.dist_params(phi_old, valid["obs"])
+        return self._with_old_policy(valid, old_dist)
+
+    def outer_batch_and_gradient(
+        self, episodes: Episodes, phi_old: Params
+    ) -> tuple[dict[str, Any], Params]:
+        """:meth:`outer_batch` and grad L_out(phi_old) for every task, from one forward pass
+        over the validation data: the pullback of pi_old's distribution parameters applied to
+        dL_out/d(dist) (where the ratio is 1). Saves the forward pass a separate gradient
+        of the outer loss would repeat."""
+        valid: dict[str, Any] = self._batch(episodes)
+        old_dist, pullback = vjp(lambda p: self.policy.dist_params(p, valid["obs"]), phi_old)
+        valid = self._with_old_policy(valid, old_dist)
+        d_dist = grad(lambda d: self._surrogate(d, valid).sum())(old_dist)
+        return valid, pullback(d_dist)[0]
+
+    def _with_old_policy(self, valid: dict[str, Any], old_dist: Any) -> dict[str, Any]:
+        with torch.no_grad():
             valid["old_log_prob"] = self.policy.log_prob_dist(old_dist, valid["actions"])
         valid["old_dist"] = old_dist
         _check_finite("log-probabilities of the validation episodes", valid["old_log_prob"])
@@ -316,10 +333,15 @@ class MetaLearner:
         outer_data: dict,
         method: str | None = None,
         hessians: list[HessianProduct] | None = None,
+        outer_grads: Params | None = None,
     ) -> Params:
         """mean_t J_t^T grad L_out(phi_K^t) with the configured (or given) estimator
-        (``hessians``: the inner steps' kept Hessian products, see :meth:`adapt`)."""
-        g_phi = task_gradients(self.outer_loss, path[-1], outer_data)
+        (``hessians``: the inner steps' kept Hessian products, see :meth:`adapt`;
+        ``outer_grads``: grad L_out(phi_K^t) if already computed, see
+        :meth:`outer_batch_and_gradient`)."""
+        g_phi = outer_grads
+        if g_phi is None:
+            g_phi = task_gradients(self.outer_loss, path[-1], outer_data)
         order = self.cfg.num_steps if method == "maml" else None
         products = self.meta_products(path, inner_data, method, order, hessians, many=False)
         per_task = products.vjp(g_phi)
@@ -370,13 +392,15 @@ class MetaLearner:
         cfg = self.cfg
         path, inner_data = adaptation.path, adaptation.inner_data
         phi_k = path[-1]
-        valid = self.outer_batch(adaptation.episodes[-1], phi_k)
+        valid, outer_grads = self.outer_batch_and_gradient(adaptation.episodes[-1], phi_k)
 
         # At phi_K itself the ratio is exactly 1 (old_log_prob is this very log-prob), so
         # the surrogate is -mean(A): no forward pass needed.
         loss_before = -masked_mean_per_task(valid["advantages"], valid["mask"]).mean()
         _check_finite("outer surrogate loss", loss_before)
-        g = self.meta_gradient(path, inner_data, valid, hessians=adaptation.hessians)
+        g = self.meta_gradient(
+            path, inner_data, valid, hessians=adaptation.hessians, outer_grads=outer_grads
+        )
         adaptation.hessians = None  # free the inner steps' graphs before CG builds its own
         _check_finite("meta-gradient", g)
         g_flat = flatten_params(g)

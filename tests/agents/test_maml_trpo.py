@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_map
 
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.config import Config
-from binom_rl.metagrad import batched_hvp
+from binom_rl.metagrad import batched_hvp, task_gradients
 from binom_rl.rl import flatten_params, unflatten_params
 from binom_rl.sampler import MultiTaskSampler
 
@@ -350,3 +350,22 @@ def test_fvp_estimator_fomaml_is_the_fisher_at_phi_k(samplers):
     exact = _learner(samplers, **{"num-steps": 2})
     full = exact.fvp_operator(adaptation.path, adaptation.inner_data, valid)(v)
     assert any(not torch.allclose(got[k], full[k]) for k in v)  # the J factors matter here
+
+
+def test_outer_batch_and_gradient_equals_separate_passes(samplers):
+    """The outer data and grad L_out(phi_K) from one forward pass equal outer_batch and
+    the outer loss' own per-task gradient (and grad matches autograd on one task)."""
+    learner = _learner(samplers, **{"num-steps": 2})
+    _, adaptation, _ = _adapted(learner, seed=8)
+    phi_k = adaptation.path[-1]
+    valid, grads = learner.outer_batch_and_gradient(adaptation.episodes[-1], phi_k)
+    separate = learner.outer_batch(adaptation.episodes[-1], phi_k)
+    torch.testing.assert_close(valid, separate)
+    want = task_gradients(learner.outer_loss, phi_k, separate)
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k])
+    phi0 = _leaf_copy({k: v[0] for k, v in phi_k.items()})
+    loss = learner.outer_loss(phi0, _task(separate, 0))
+    auto = torch.autograd.grad(loss, list(phi0.values()))
+    for k, a in zip(phi0, auto, strict=True):
+        torch.testing.assert_close(grads[k][0], a)

@@ -116,7 +116,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     policy.pt keeps the params of the 1st (last good) iteration."""
     current = {"iteration": -1}
     returned: list[dict] = []
-    orig_iteration, orig_outer = MetaLearner.meta_iteration, MetaLearner._outer_losses
+    orig_iteration, orig_surrogate = MetaLearner.meta_iteration, MetaLearner._surrogate
 
     def meta_iteration(self, params, iteration, diagnose=False):
         current["iteration"] = iteration
@@ -124,12 +124,12 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         returned.append({k: v.detach().clone() for k, v in new_params.items()})
         return new_params, metrics
 
-    def outer_losses(self, params, data):
-        loss = orig_outer(self, params, data)
+    def surrogate(self, dist, data):
+        loss = orig_surrogate(self, dist, data)
         return loss * float("nan") if current["iteration"] == 1 else loss
 
     monkeypatch.setattr(MetaLearner, "meta_iteration", meta_iteration)
-    monkeypatch.setattr(MetaLearner, "_outer_losses", outer_losses)
+    monkeypatch.setattr(MetaLearner, "_surrogate", surrogate)
     with pytest.raises(NonFiniteError, match="meta-gradient"):
         train(_cfg(), tmp_path, progress=False)
     assert len(returned) == 1
