@@ -452,9 +452,7 @@ class MetaLearner:
     ) -> dict[str, float]:
         """Cosine and relative error of the estimator's meta-gradient to the exact one."""
         exact = flatten_params(self.meta_gradient(path, inner_data, outer_data, method="maml"))
-        cos = torch.dot(g_flat, exact) / (g_flat.norm() * exact.norm()).clamp(min=1e-30)
-        rel = (g_flat - exact).norm() / exact.norm().clamp(min=1e-30)
-        return {"metagrad/cosine_to_exact": float(cos), "metagrad/rel_error_to_exact": float(rel)}
+        return _compare_to_exact("metagrad/", g_flat, exact)
 
     def diagnose_fvp(
         self, path: list[Params], inner_data: list, outer_data: dict, step_dir: Tensor,
@@ -467,12 +465,7 @@ class MetaLearner:
         theta_like = {k: v[0] for k, v in path[0].items()}  # path has a leading task dim
         exact = flatten_params(fvp(unflatten_params(step_dir, theta_like)))
         exact = exact + self.cfg.cg_damping * step_dir
-        cos = torch.dot(f_step, exact) / (f_step.norm() * exact.norm()).clamp(min=1e-30)
-        rel = (f_step - exact).norm() / exact.norm().clamp(min=1e-30)
-        return {
-            "metagrad/fvp_cosine_to_exact": float(cos),
-            "metagrad/fvp_rel_error_to_exact": float(rel),
-        }
+        return _compare_to_exact("metagrad/fvp_", f_step, exact)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -505,6 +498,14 @@ class MetaLearner:
         metrics["time/meta_step_s"] = t2 - t1
         metrics["memory/peak_mb"] = peak_memory_mb(self.device)
         return new_params, metrics
+
+
+def _compare_to_exact(prefix: str, approx: Tensor, exact: Tensor) -> dict[str, float]:
+    """``{prefix}cosine_to_exact`` and ``{prefix}rel_error_to_exact`` of two flat vectors:
+    <a, e> / (|a| |e|) and |a - e| / |e|."""
+    cos = torch.dot(approx, exact) / (approx.norm() * exact.norm()).clamp(min=1e-30)
+    rel = (approx - exact).norm() / exact.norm().clamp(min=1e-30)
+    return {f"{prefix}cosine_to_exact": float(cos), f"{prefix}rel_error_to_exact": float(rel)}
 
 
 def _sync(device: torch.device) -> None:
