@@ -68,10 +68,10 @@ class TaskBatchedLoss:
 
     Task t's parameters enter only loss t, so d/d phi_t sum_s L_s(phi_s) = grad L_t(phi_t):
     every per-task gradient (and, from its graph, every per-task HVP) comes from one
-    gradient of the sum, with no vmap. On CPU this is about a quarter faster per HVP than
-    vmap(grad(per-task loss)), whose batching rules give the matmuls and elementwise ops
-    of the second backward pass slower layouts (``scripts/profile_iteration.py`` shows the
-    effect on a meta-iteration).
+    gradient of the sum, with no vmap. On CPU this is faster than vmap(grad(per-task
+    loss)), whose batching rules give the second backward pass slower layouts: about 15%
+    of a 2D-navigation meta-iteration (``scripts/profile_iteration.py``, old and new code
+    run alternately; see docs/benchmarks.md).
 
     Calling the object evaluates one task (params and data without the task dim), so it is
     also a per-task :data:`LossFn` wherever one is expected (vmap included).
