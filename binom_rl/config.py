@@ -25,8 +25,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line before any work is done."""
 
 
+FVP_SUBSAMPLE_BY = ("steps", "episodes")
+
 # Keys added after runs were first saved, with the behaviour those runs had.
-SAVED_RUN_DEFAULTS: dict[str, Any] = {"rescale-actions": False}
+SAVED_RUN_DEFAULTS: dict[str, Any] = {"rescale-actions": False, "fvp-subsample-by": "episodes"}
 
 
 @dataclass
@@ -48,7 +50,11 @@ class Config:
     cg_damping: float = 1e-5
     ls_max_steps: int = 15
     ls_backtrack_ratio: float = 0.8
-    fvp_subsample: int = 1  # Fisher-vector products on every n-th episode of each task
+    # Fisher-vector products on every n-th time step of every episode (fvp-subsample-by:
+    # steps) or on every n-th episode of each task (episodes; runs saved before this key).
+    # See MetaLearner._fvp_subsample for why steps.
+    fvp_subsample: int = 1
+    fvp_subsample_by: str = "steps"
     # returns and advantages
     gamma: float = 0.99
     gae_lambda: float = 1.0
@@ -125,6 +131,7 @@ class Config:
             "num_batches",
             "cg_iters",
             "ls_max_steps",
+            "fvp_subsample",
             "num_workers",
         ):
             if getattr(self, name) < 1:
@@ -138,6 +145,11 @@ class Config:
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{_key(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.fvp_subsample_by not in FVP_SUBSAMPLE_BY:
+            raise ConfigError(
+                f"fvp-subsample-by must be one of {', '.join(FVP_SUBSAMPLE_BY)}, "
+                f"got {self.fvp_subsample_by!r}"
+            )
         if self.estimator not in METHODS:
             raise ConfigError(
                 f"estimator must be one of {', '.join(METHODS)}, got {self.estimator!r}"
@@ -176,7 +188,6 @@ class Config:
             raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
         if method in ("trunc", "binom"):

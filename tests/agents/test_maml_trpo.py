@@ -312,8 +312,56 @@ def test_diagnose_metrics_in_meta_iteration(samplers):
     assert metrics["metagrad/fvp_rel_error_to_exact"] > 0  # fomaml's J = I at K = 1
 
 
-def test_fvp_subsample_runs(samplers):
-    learner = _learner(samplers, estimator="binom", order=1, **{"fvp-subsample": 2})
+@pytest.mark.parametrize("by", ["steps", "episodes"])
+def test_fvp_subsample_against_explicit_matrices(samplers, by):
+    """fvp-subsample 2 by steps: the meta-Fisher product is mean_t J_t^T F_t J_t v with H_k
+    and F on time steps 0, 2, 4, ... of every episode; by episodes, on episodes 0, 2 of each
+    task; both at the adapted path's points. Reference: explicit Hessian matrices,
+    J_t = (I - a H_{K-1}) ... (I - a H_0) multiplied out."""
+    learner = _learner(
+        samplers,
+        **{"num-steps": 2, "fvp-subsample": 2, "fvp-subsample-by": by, "fast-batch-size": 4},
+    )
+    params, adaptation, valid = _adapted(learner, seed=4)
+    inner, outer = learner._fvp_data(adaptation.inner_data, valid)
+    g = torch.Generator().manual_seed(2)
+    v = {k: torch.randn(x.shape, generator=g) for k, x in params.items()}
+    got = flatten_params(learner.fvp_operator(adaptation.path, inner, outer)(v))
+
+    # One task's tensors are [H, B, ...]; a Gaussian's log sigma [1, 1, act] stays whole.
+    if by == "steps":
+        keep = lambda x: x if x.dim() < 2 or x.shape[0] == 1 else x[::2]  # noqa: E731
+    else:
+        keep = lambda x: x if x.dim() < 2 else x[:, ::2]  # noqa: E731
+    tasks = range(learner.cfg.meta_batch_size)
+
+    def hessian(loss, phi, data):
+        flat = flatten_params(phi)
+        return torch.func.hessian(lambda x: loss(unflatten_params(x, phi), data))(flat)
+
+    expected = torch.zeros_like(got)
+    eye = torch.eye(got.numel())
+    for t in tasks:
+        jac = eye
+        for k, data in enumerate(adaptation.inner_data):
+            h = hessian(
+                learner.inner_loss, _task(adaptation.path[k], t), tree_map(keep, _task(data, t))
+            )
+            jac = (eye - learner.cfg.fast_lr * h) @ jac
+        fisher = hessian(
+            learner.kl_loss, _task(adaptation.path[-1], t), tree_map(keep, _task(valid, t))
+        )
+        expected += jac.T @ fisher @ jac @ flatten_params(v) / len(tasks)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+    full = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid)(v)
+    assert not torch.allclose(flatten_params(full), got, rtol=1e-2)  # a real subsample
+
+
+@pytest.mark.parametrize("by", ["steps", "episodes"])
+def test_fvp_subsample_runs(samplers, by):
+    learner = _learner(
+        samplers, estimator="binom", order=1, **{"fvp-subsample": 2, "fvp-subsample-by": by}
+    )
     params = learner.init_params(0)
     new_params, metrics = learner.meta_iteration(params, iteration=1)
     assert all(math.isfinite(v) for v in metrics.values())

@@ -166,7 +166,7 @@ def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch):
     assert load_yaml(tmp_path / "on" / CONFIG_FILE)["rescale-actions"] is True
 
 
-def test_runs_saved_before_rescale_actions_load_without_it(straight_run, tmp_path):
+def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run, tmp_path):
     from binom_rl.agents.evaluation import load_run
 
     folder, _ = straight_run
@@ -174,9 +174,12 @@ def test_runs_saved_before_rescale_actions_load_without_it(straight_run, tmp_pat
     old.mkdir()
     raw = load_yaml(folder / CONFIG_FILE)
     assert raw.pop("rescale-actions") is True
+    raw.pop("fvp-subsample-by")
     (old / CONFIG_FILE).write_text(yaml.safe_dump(raw))
     (old / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
     cfg, _ = load_run(old)
-    assert cfg.rescale_actions is False  # what that run did, not today's default
-    assert load_run(folder)[0].rescale_actions is True
+    # what that run did, not today's defaults
+    assert cfg.rescale_actions is False and cfg.fvp_subsample_by == "episodes"
+    today = load_run(folder)[0]
+    assert today.rescale_actions is True and today.fvp_subsample_by == "steps"
     assert Config.from_dict(raw).rescale_actions is True

@@ -179,6 +179,11 @@ BAD_FLAGS = {
         "fvp-order 2 > num-steps 1",
     ),
     "unknown hvp mode": (["--hvp-mode", "fast"], "hvp-mode must be one of"),
+    "zero fvp subsample": (["--fvp-subsample", "0"], "fvp-subsample must be >= 1"),
+    "unknown fvp subsample unit": (
+        ["--fvp-subsample-by", "samples"],
+        "fvp-subsample-by must be one of steps, episodes",
+    ),
     "unknown env id": (["--env-name", "binom_rl/Nope-v0"], "binom_rl/HalfCheetahVel-v0"),
     "env without task protocol": (
         ["--env-name", "binom_rl_test_envs:NoTasks-v0"],
