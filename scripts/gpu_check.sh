@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh            # cwd = repo root; results in $OUT (or ./gpu_check_out)
 #
-# Steps, each under `timeout` (about 7 minutes at most in all):
+# Steps, each under `timeout` (the limits add up to 14 minutes):
 #   1. nvidia-smi, python / torch / CUDA versions
 #   2. pytest: tests/binom_rl/test_cuda.py, test_metagrad.py, test_chunk_size.py
 #   3. scripts/benchmark_metastep.py full size on cuda, with a time budget
@@ -13,6 +13,8 @@
 #   5. scripts/train.py on HalfCheetahDir, cuda, 3 meta-iterations with 16 worker processes
 #      and again with 1 (in-process rollout thread pool over all cores); the
 #      time/sampling_s, time/meta_step_s and memory/peak_mb scalars from TensorBoard
+#   6. scripts/train.py on 2D navigation with --num-steps 3, 4 meta-iterations each for
+#      maml, binom L = 1 and binom L = 2: the same scalars (issue 4's K = 3 comparison)
 # Files in $OUT: gpu_check.log (everything), summary.md, benchmark_metastep.md,
 # benchmark_metagrad.md.
 # Without CUDA the GPU steps are skipped; GPU_CHECK_DEVICE=cpu runs them on the CPU at
@@ -111,6 +113,25 @@ else
     TRAIN_BATCHES=3
 fi
 
+# scalars RUN LABEL: the run's per-iteration time / memory / return scalars as a table.
+scalars() {
+"$PY" - "$1" "$2" <<'EOF' 2>&1 | tee -a "$LOG" >> "$SUMMARY"
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1])
+acc.Reload()
+tags = ["time/sampling_s", "time/meta_step_s", "memory/peak_mb", "returns/step_0", "train/kl"]
+print(f"\n{sys.argv[2]}:\n\n| iteration | " + " | ".join(tags) + " |")
+print("|---" * (len(tags) + 1) + "|")
+scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in acc.Tags()["scalars"]}
+steps = sorted({s for v in scalars.values() for s in v})
+for s in steps:
+    print(f"| {s} | " + " | ".join(f"{scalars.get(t, {}).get(s, float('nan')):.4g}" for t in tags) + " |")
+if not steps:
+    print("(no TensorBoard scalars found)")
+EOF
+}
+
 if [ "$DEVICE" != none ]; then
 # ---------------------------------------------------------------- 2. end-to-end training
 # First, while all 16 cores are free: the sampler's workers need them.
@@ -128,21 +149,7 @@ rm -rf "$RUN"
 step "train HalfCheetahDir ($DEVICE, $TRAIN_BATCHES it, $WORKERS workers)" 110 "$PY" scripts/train.py \
     "${TRAIN_CFG[@]}" --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-workers "$WORKERS" --num-batches "$TRAIN_BATCHES" \
     --output-folder "$RUN" --no-progress
-"$PY" - "$RUN" "$WORKERS" <<'EOF' 2>&1 | tee -a "$LOG" >> "$SUMMARY"
-import sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-acc = EventAccumulator(sys.argv[1])
-acc.Reload()
-tags = ["time/sampling_s", "time/meta_step_s", "memory/peak_mb", "returns/step_0", "train/kl"]
-print(f"\n{sys.argv[2]} workers:\n\n| iteration | " + " | ".join(tags) + " |")
-print("|---" * (len(tags) + 1) + "|")
-scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in acc.Tags()["scalars"]}
-steps = sorted({s for v in scalars.values() for s in v})
-for s in steps:
-    print(f"| {s} | " + " | ".join(f"{scalars.get(t, {}).get(s, float('nan')):.4g}" for t in tags) + " |")
-if not steps:
-    print("(no TensorBoard scalars found)")
-EOF
+scalars "$RUN" "$WORKERS workers"
 done
 
 fi
@@ -180,6 +187,19 @@ step "benchmark_metastep ($DEVICE)" 180 "${PIN[@]}" "$PY" scripts/benchmark_meta
 step "benchmark_metagrad ($DEVICE)" 60 "${PIN[@]}" "$PY" scripts/benchmark_metagrad.py --device "$DEVICE" \
     --quick --tables cost flatness --output-dir /tmp/metagrad_bench
 cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev/null || true
+
+# ---------------------------------------------------------------- 6. K = 3 meta-step
+# The issue-4 comparison at K = 3 on 2D navigation (default config, --num-steps 3): the
+# meta-step's time and peak memory per estimator, 4 iterations each (the first includes
+# CUDA warm-up).
+for EST in "maml" "binom --order 1" "binom --order 2"; do
+    rm -rf /tmp/gpu_check_k3
+    step "2D navigation K=3, $EST ($DEVICE)" 90 "${PIN[@]}" "$PY" scripts/train.py \
+        --config configs/2d-navigation.yaml --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-steps 3 \
+        --num-batches "$((TRAIN_BATCHES + 1))" --estimator $EST --output-folder /tmp/gpu_check_k3 \
+        --no-progress
+    scalars /tmp/gpu_check_k3 "2D navigation K=3, $EST"
+done
 
 if [ -n "$BG" ]; then
     while kill -0 "$BG" 2>/dev/null && [ "$(date +%s)" -lt "$DEADLINE" ]; do sleep 5; done
