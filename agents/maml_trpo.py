@@ -461,10 +461,11 @@ class MetaLearner:
 
         Why steps: the J products inside the Fisher come from the inner loss' Hessians on
         the subsample, and the steps of one episode are strongly correlated, so n times fewer
-        whole episodes leave a much noisier Hessian than every n-th step of all of them. The
-        exact product tolerates that; a truncated binomial expansion of J does not: at K = 3
-        on 2D navigation BinomMAML L = 1's Fisher product along the CG step was ~100% off
-        with episodes and within 0.26 with steps (README, K = 3 results).
+        whole episodes leave a noisier Hessian than every n-th step of all of them. A
+        truncated binomial expansion of that J fails: at K = 3 on 2D navigation BinomMAML
+        L = 1's Fisher product along the CG step was ~100% off with episodes and within 0.26
+        with steps. (The noise also inflates the exact Fisher, E[N^T F N] >= 0, shrinking
+        exact MAML's steps; README, K = 3 results.)
         """
         n = self.cfg.fvp_subsample
         subsample = _every_nth_step if self.cfg.fvp_subsample_by == "steps" else _every_nth_episode
