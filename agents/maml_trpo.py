@@ -76,24 +76,23 @@ def _check_finite(where: str, *tensors: Tensor | dict) -> None:
                 raise NonFiniteError(f"non-finite values (NaN/inf) in {where}")
 
 
-def _every_nth_episode(data: Any, n: int) -> Any:
-    """Keep episodes 0, n, 2n, ... of task-major [T, H, B, ...] tensors (tensors of fewer
-    dims, such as a Gaussian's log sigma [T, act_dim], untouched).
+def _every_nth(data: Any, n: int, dim: int) -> Any:
+    """Keep indices 0, n, 2n, ... along ``dim`` of task-major [T, H, B, ...] tensors: dim 1
+    is time steps, dim 2 episodes. Tensors of fewer dims, or of size 1 there (a Gaussian's
+    log sigma [T, 1, 1, act]), stay as they are.
 
-    The kept episodes are copied into contiguous tensors once, so that the ~20 products
+    The kept entries are copied into contiguous tensors once, so that the ~20 products
     of a conjugate-gradient solve do not work on strided views.
     """
     if n == 1:
         return data
-    return tree_map(lambda v: v if v.dim() < 3 else v[:, :, ::n].contiguous(), data)
 
+    def keep(v: Tensor) -> Tensor:
+        if v.dim() < 3 or v.shape[dim] == 1:
+            return v
+        return v[(slice(None),) * dim + (slice(None, None, n),)].contiguous()
 
-def _every_nth_step(data: Any, n: int) -> Any:
-    """Keep time steps 0, n, 2n, ... of task-major [T, H, B, ...] tensors (tensors of fewer
-    dims, and size-1 time dims such as a Gaussian's log sigma [T, 1, 1, act], untouched)."""
-    if n == 1:
-        return data
-    return tree_map(lambda v: v if v.dim() < 3 or v.shape[1] == 1 else v[:, ::n].contiguous(), data)
+    return tree_map(keep, data)
 
 
 def _task_major(x: Tensor) -> Tensor:
@@ -467,9 +466,8 @@ class MetaLearner:
         with steps. (The noise also inflates the exact Fisher, E[N^T F N] >= 0, shrinking
         exact MAML's steps; README, K = 3 results.)
         """
-        n = self.cfg.fvp_subsample
-        subsample = _every_nth_step if self.cfg.fvp_subsample_by == "steps" else _every_nth_episode
-        return [subsample(d, n) for d in inner_data], subsample(outer_data, n)
+        n, dim = self.cfg.fvp_subsample, 1 if self.cfg.fvp_subsample_by == "steps" else 2
+        return [_every_nth(d, n, dim) for d in inner_data], _every_nth(outer_data, n, dim)
 
     def diagnose(
         self, path: list[Params], inner_data: list, outer_data: dict, g_flat: Tensor

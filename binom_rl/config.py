@@ -52,7 +52,7 @@ class Config:
     ls_backtrack_ratio: float = 0.8
     # Fisher-vector products on every n-th time step of every episode (fvp-subsample-by:
     # steps) or on every n-th episode of each task (episodes; runs saved before this key).
-    # See MetaLearner._fvp_subsample for why steps.
+    # See MetaLearner._fvp_data for why steps.
     fvp_subsample: int = 1
     fvp_subsample_by: str = "steps"
     # returns and advantages
