@@ -454,17 +454,20 @@ class MetaLearner:
         return new_params, metrics
 
     def _fvp_data(self, inner_data: list, outer_data: dict) -> tuple[list, dict]:
-        """The data the Fisher-vector products use: every ``fvp-subsample``-th time step of
-        every episode (``fvp-subsample-by: steps``, OpenAI baselines' TRPO practice) or every
-        n-th episode of each task (``episodes``, kept for runs saved before the key existed).
+        """The data the Fisher-vector products use: every ``fvp-subsample``-th episode of
+        each task (``fvp-subsample-by: episodes``, the default) or every n-th time step of
+        every episode (``steps``, OpenAI baselines' TRPO practice).
 
-        Why steps: the J products inside the Fisher come from the inner loss' Hessians on
-        the subsample, and the steps of one episode are strongly correlated, so n times fewer
-        whole episodes leave a noisier Hessian than every n-th step of all of them. A
-        truncated binomial expansion of that J fails: at K = 3 on 2D navigation BinomMAML
-        L = 1's Fisher product along the CG step was ~100% off with episodes and within 0.26
-        with steps. (The noise also inflates the exact Fisher, E[N^T F N] >= 0, shrinking
-        exact MAML's steps; README, K = 3 results.)
+        The J products inside the Fisher come from the inner loss' Hessians on this data.
+        The steps of one episode are strongly correlated, so n times fewer whole episodes
+        give a much noisier Hessian than every n-th step of all of them. That noise N in J
+        inflates the exact Fisher, E[(J + N)^T F (J + N)] = J^T F J + E[N^T F N]: it penalises
+        directions in which the adapted policy depends on which episodes were drawn, and
+        exact MAML-TRPO learned better with it than with the accurate Fisher of ``steps``
+        or of no subsample (HalfCheetahVel, and 2D navigation at K = 3; README). A truncated
+        binomial expansion of a noisy J fails, though (BinomMAML L = 1 at K = 3: ~100%
+        error along the CG step with episodes, within 0.26 with steps), so BinomMAML at
+        K >= 2 wants ``fvp-estimator: maml`` or ``steps``.
         """
         n, dim = self.cfg.fvp_subsample, 1 if self.cfg.fvp_subsample_by == "steps" else 2
         return [_every_nth(d, n, dim) for d in inner_data], _every_nth(outer_data, n, dim)

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
 
-# Keys added after runs were first saved, with the behaviour those runs had.
+# Keys added after runs were first saved, with the behaviour those runs had (whatever the
+# default is today).
 SAVED_RUN_DEFAULTS: dict[str, Any] = {"rescale-actions": False, "fvp-subsample-by": "episodes"}
 
 
@@ -50,11 +51,11 @@ class Config:
     cg_damping: float = 1e-5
     ls_max_steps: int = 15
     ls_backtrack_ratio: float = 0.8
-    # Fisher-vector products on every n-th time step of every episode (fvp-subsample-by:
-    # steps) or on every n-th episode of each task (episodes; runs saved before this key).
-    # See MetaLearner._fvp_data for why steps.
+    # Fisher-vector products on every n-th episode of each task (fvp-subsample-by:
+    # episodes) or on every n-th time step of every episode (steps). See
+    # MetaLearner._fvp_data for which suits which estimator.
     fvp_subsample: int = 1
-    fvp_subsample_by: str = "steps"
+    fvp_subsample_by: str = "episodes"
     # returns and advantages
     gamma: float = 0.99
     gae_lambda: float = 1.0

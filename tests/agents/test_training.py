@@ -180,6 +180,11 @@ def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run
     cfg, _ = load_run(old)
     # what that run did, not today's defaults
     assert cfg.rescale_actions is False and cfg.fvp_subsample_by == "episodes"
-    today = load_run(folder)[0]
-    assert today.rescale_actions is True and today.fvp_subsample_by == "steps"
+    assert load_run(folder)[0].rescale_actions is True
     assert Config.from_dict(raw).rescale_actions is True
+    # a saved value always wins over the legacy default
+    steps = tmp_path / "steps-run"
+    steps.mkdir()
+    (steps / CONFIG_FILE).write_text(yaml.safe_dump({**raw, "fvp-subsample-by": "steps"}))
+    (steps / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
+    assert load_run(steps)[0].fvp_subsample_by == "steps"
