@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,58 @@ def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
         tag: {int(e.step): float(e.value) for e in acc.Scalars(tag)}
         for tag in acc.Tags().get("scalars", [])
     }
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_runs(
+    folders: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    tag: str = "returns/step_1",
+    smooth: int = 1,
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """PNG of one scalar ``tag`` of several runs against the meta-iteration, each curve a
+    moving average over ``smooth`` iterations, labelled by ``labels`` (default: folder
+    names). Every folder is read and checked before anything is drawn."""
+    if smooth < 1:
+        raise ConfigError(f"smooth must be >= 1, got {smooth}")
+    if labels is not None and len(labels) != len(folders):
+        raise ConfigError(f"{len(labels)} labels for {len(folders)} runs")
+    curves = []
+    for folder in folders:
+        scalars = read_scalars(folder)
+        if tag not in scalars:
+            have = ", ".join(sorted(t for t in scalars if "/" in t)) or "no scalars"
+            raise ConfigError(f"{folder} has no {tag!r} scalar (it has: {have})")
+        steps = sorted(scalars[tag])
+        curves.append((steps, _moving_average([scalars[tag][s] for s in steps], smooth)))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    names = labels or [Path(f).name for f in folders]
+    for (steps, values), name in zip(curves, names, strict=True):
+        ax.plot(steps, values, label=name)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(tag + (f" ({smooth}-iteration moving average)" if smooth > 1 else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
 
 
 def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -1,5 +1,10 @@
-"""Plot a training run's returns/step_k curves: ``python scripts/plot_run.py --run runs/x
-[--output runs/x/training_curves.png]``."""
+"""Plot training curves from TensorBoard events.
+
+One run, every returns/step_k curve: ``python scripts/plot_run.py --run runs/x
+[--output runs/x/training_curves.png]``. Several runs, one scalar each: ``python
+scripts/plot_run.py --run runs/a runs/b [--tag returns/step_1] [--smooth 10]
+[--labels a,b] --output curves.png``.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from binom_rl.agents.training import plot_training_curves
+from binom_rl.agents.training import plot_runs, plot_training_curves
 from binom_rl.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="training run folder")
+    parser.add_argument("--run", required=True, nargs="+", help="training run folder(s)")
     parser.add_argument(
-        "--output", default=None, help="PNG path (default: <run>/training_curves.png)"
-    )
+        "--output", default=None,
+        help="PNG path (default for one run: <run>/training_curves.png; needed for several)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tag", default=None,
+        help="scalar to overlay across runs (default with several runs: returns/step_1)",
+    )  # fmt: skip
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window")
+    parser.add_argument("--labels", default=None, help="comma-separated curve labels")
     args = parser.parse_args(argv)
     try:
-        out = plot_training_curves(args.run, args.output or Path(args.run) / "training_curves.png")
+        labels = args.labels.split(",") if args.labels else None
+        if len(args.run) == 1 and args.tag is None and args.smooth == 1 and labels is None:
+            output = args.output or Path(args.run[0]) / "training_curves.png"
+            out = plot_training_curves(args.run[0], output)
+        else:
+            if args.output is None:
+                raise ConfigError(
+                    "--output is needed with several runs, --tag, --smooth or --labels"
+                )
+            tag = args.tag or "returns/step_1"
+            out = plot_runs(args.run, args.output, tag=tag, smooth=args.smooth, labels=labels)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

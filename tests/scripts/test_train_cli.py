@@ -119,6 +119,38 @@ def test_plot_run_writes_png_and_refuses_non_run(finished_run, tmp_path, capsys)
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_run_overlays_several_runs(finished_run, tmp_path, capsys):
+    plot_cli = _load_script("plot_run")
+    out = tmp_path / "overlay.png"
+    argv = ["--run", str(finished_run), str(finished_run), "--tag", "returns/step_0"]
+    assert plot_cli.main([*argv, "--smooth", "2", "--labels", "a,b", "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = [
+        ([*argv, "--output", str(tmp_path / "x.png"), "--smooth", "0"], "smooth must be >= 1"),
+        ([*argv, "--output", str(tmp_path / "x.png"), "--labels", "a"], "1 labels for 2 runs"),
+        (argv, "--output is needed"),
+        (
+            ["--run", str(finished_run), "--tag", "no/such", "--output", str(tmp_path / "x.png")],
+            "no 'no/such' scalar",
+        ),
+    ]
+    for args, message in bad:
+        assert plot_cli.main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_moving_average_against_a_direct_mean():
+    from binom_rl.agents.training import _moving_average
+
+    values = [3.0, -1.0, 4.0, 1.0, -5.0, 9.0]
+    got = _moving_average(values, 3)
+    windows = [values[max(0, i - 2) : i + 1] for i in range(len(values))]
+    want = [sum(w) / len(w) for w in windows]
+    assert got == pytest.approx(want)
+    assert _moving_average(values, 1) == values
+
+
 def test_non_empty_folder_refused(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
