@@ -275,16 +275,22 @@ class MetaLearner:
         return AdaptationResult(episodes, inner_data, path, hessians if keep_hessians else None)
 
     def keeps_hessians(self) -> bool:
-        """Whether meta-iterations keep the inner steps' graphs for the meta-gradient: when
-        products are cached (chunk-size null, hvp-mode auto) and the estimator applies each
-        step's Hessian once, one step at a time: the exact product (maml, or trunc / binom
-        with order = num-steps; at K = 1 every estimator but fomaml). Saves rebuilding the
-        inner gradient's graph, a forward and backward pass over the full inner data."""
+        """Whether meta-iterations keep the inner steps' graphs for the meta-gradient, which
+        saves rebuilding the inner gradients' graphs (a forward and a backward pass over the
+        full inner data). Only when products are cached (chunk-size null, hvp-mode auto), and
+        for the exact product (maml, or trunc / binom with order = num-steps; at K = 1 every
+        estimator but fomaml), or for binom with order < num-steps on CPU.
+
+        The kept products are applied one step at a time, so a binomial level loses its
+        batching over steps. On a GPU that batching is the point of the cascade; on CPU it
+        buys nothing (the cores are busy either way) while rebuilding costs the passes above
+        and holds a whole level's forward-over-reverse graphs at once."""
         cfg = self.cfg
         exact = cfg.estimator == "maml" or (
             cfg.estimator in ("trunc", "binom") and cfg.order >= cfg.num_steps
         )
-        return exact and self._reuses_graphs(cfg.chunk_size)
+        cascade_on_cpu = cfg.estimator == "binom" and self.device.type == "cpu"
+        return (exact or cascade_on_cpu) and self._reuses_graphs(cfg.chunk_size)
 
     def _reuses_graphs(self, chunk_size: int | str | None) -> bool:
         """Products may keep their Hessians' graphs: no chunking asked, hvp-mode auto."""

@@ -218,12 +218,15 @@ def test_meta_fisher_product_equals_unrolled_kl_hessian(samplers, overrides):
         torch.testing.assert_close(got[k], e, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_steps", [1, 2])
-def test_meta_gradient_from_kept_inner_graphs(samplers, num_steps):
+@pytest.mark.parametrize(
+    "estimator,order,num_steps", [("maml", None, 1), ("maml", None, 2), ("binom", 1, 3)]
+)
+def test_meta_gradient_from_kept_inner_graphs(samplers, estimator, order, num_steps):
     """adapt(keep_hessians=True) keeps each inner step's graph as its Hessian product; the
     meta-gradient from those equals the one from graphs built afresh, and the path is the
     same adaptation."""
-    learner = _learner(samplers, estimator="maml", **{"num-steps": num_steps})
+    overrides = {"num-steps": num_steps} | ({"order": order} if order else {})
+    learner = _learner(samplers, estimator=estimator, **overrides)
     assert learner.keeps_hessians()
     params = learner.init_params(0)
     tasks = learner.sampler.sample_tasks(learner.cfg.meta_batch_size, seed=derive_seed(3, 0))
@@ -246,7 +249,9 @@ def test_meta_gradient_from_kept_inner_graphs(samplers, num_steps):
     [
         ({"estimator": "binom", "order": 1}, True),  # K = 1: the exact product
         ({"estimator": "fomaml"}, False),
-        ({"estimator": "binom", "order": 1, "num-steps": 3}, False),  # batched cascade
+        ({"estimator": "binom", "order": 1, "num-steps": 3}, True),  # CPU: no batching gain
+        ({"estimator": "binom", "order": 2, "num-steps": 3, "chunk-size": 4}, False),
+        ({"estimator": "trunc", "order": 1, "num-steps": 3}, False),
         ({"estimator": "maml", "num-steps": 3}, True),
         ({"estimator": "maml", "chunk-size": 4}, False),
         ({"estimator": "maml", "hvp-mode": "fwdrev"}, False),
@@ -254,6 +259,12 @@ def test_meta_gradient_from_kept_inner_graphs(samplers, num_steps):
 )
 def test_keeps_hessians_rule(samplers, overrides, keeps):
     assert _learner(samplers, **overrides).keeps_hessians() is keeps
+
+
+def test_binom_cascade_keeps_its_batching_on_gpu(samplers):
+    learner = _learner(samplers, estimator="binom", order=1, **{"num-steps": 3})
+    learner.device = torch.device("cuda")  # the rule reads only the device type
+    assert not learner.keeps_hessians()
 
 
 def test_binom_full_order_equals_maml(samplers):
