@@ -210,6 +210,33 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _save_line_plot(
+    curves: Sequence[tuple[Sequence[int], Sequence[float], str]],
+    output: str | os.PathLike,
+    ylabel: str,
+    title: str | None = None,
+) -> Path:
+    """One PNG of (iterations, values, label) curves against the meta-iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for steps, values, label in curves:
+        ax.plot(steps, values, label=label)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
 def plot_runs(
     folders: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -224,40 +251,21 @@ def plot_runs(
         raise ConfigError(f"smooth must be >= 1, got {smooth}")
     if labels is not None and len(labels) != len(folders):
         raise ConfigError(f"{len(labels)} labels for {len(folders)} runs")
+    names = labels or [Path(f).name for f in folders]
     curves = []
-    for folder in folders:
+    for folder, name in zip(folders, names, strict=True):
         scalars = read_scalars(folder)
         if tag not in scalars:
             have = ", ".join(sorted(t for t in scalars if "/" in t)) or "no scalars"
             raise ConfigError(f"{folder} has no {tag!r} scalar (it has: {have})")
         steps = sorted(scalars[tag])
-        curves.append((steps, _moving_average([scalars[tag][s] for s in steps], smooth)))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    names = labels or [Path(f).name for f in folders]
-    for (steps, values), name in zip(curves, names, strict=True):
-        ax.plot(steps, values, label=name)
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(tag + (f" ({smooth}-iteration moving average)" if smooth > 1 else ""))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+        curves.append((steps, _moving_average([scalars[tag][s] for s in steps], smooth), name))
+    ylabel = tag + (f" ({smooth}-iteration moving average)" if smooth > 1 else "")
+    return _save_line_plot(curves, output, ylabel)
 
 
 def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     """PNG of returns/step_0..K against the meta-iteration, read from the run's events."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scalars = read_scalars(folder)
     tags = sorted(
         (t for t in scalars if t.startswith("returns/step_")),
@@ -265,20 +273,11 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -
     )
     if not tags:
         raise ConfigError(f"{folder} has no returns/step_* scalars: not a training run folder")
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    curves = []
     for tag in tags:
         steps = sorted(scalars[tag])
-        ax.plot(
-            steps,
-            [scalars[tag][s] for s in steps],
-            label=f"after {tag.rsplit('_', 1)[1]} inner steps",
-        )
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("mean return of the sampled episodes")
-    ax.set_title(str(Path(folder).name))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+        label = f"after {tag.rsplit('_', 1)[1]} inner steps"
+        curves.append((steps, [scalars[tag][s] for s in steps], label))
+    return _save_line_plot(
+        curves, output, "mean return of the sampled episodes", title=str(Path(folder).name)
+    )

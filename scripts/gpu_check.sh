@@ -14,7 +14,8 @@
 #      and again with 1 (in-process rollout thread pool over all cores); the
 #      time/sampling_s, time/meta_step_s and memory/peak_mb scalars from TensorBoard
 #   6. scripts/train.py on 2D navigation with --num-steps 3, 4 meta-iterations each for
-#      maml, binom L = 1 and binom L = 2: the same scalars (issue 4's K = 3 comparison)
+#      maml, binom L = 1, binom L = 2 and binom L = 1 with exact Fisher products
+#      (--fvp-estimator maml): the same scalars (issue 4's K = 3 comparison)
 # Files in $OUT: gpu_check.log (everything), summary.md, benchmark_metastep.md,
 # benchmark_metagrad.md.
 # Without CUDA the GPU steps are skipped; GPU_CHECK_DEVICE=cpu runs them on the CPU at
@@ -192,7 +193,7 @@ cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev
 # The issue-4 comparison at K = 3 on 2D navigation (default config, --num-steps 3): the
 # meta-step's time and peak memory per estimator, 4 iterations each (the first includes
 # CUDA warm-up).
-for EST in "maml" "binom --order 1" "binom --order 2"; do
+for EST in "maml" "binom --order 1" "binom --order 2" "binom --order 1 --fvp-estimator maml"; do
     rm -rf /tmp/gpu_check_k3
     step "2D navigation K=3, $EST ($DEVICE)" 90 "${PIN[@]}" "$PY" scripts/train.py \
         --config configs/2d-navigation.yaml --device "$DEVICE" "${SMALL_TRAIN[@]}" --num-steps 3 \
