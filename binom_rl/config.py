@@ -205,6 +205,26 @@ class Config:
         method = self.fvp_estimator if self.fvp_estimator is not None else self.estimator
         return method, self.fvp_order if self.fvp_order is not None else self.order
 
+    def advice(self) -> list[str]:
+        """Settings that are valid but measured to train badly, one line each (the scripts
+        print them as notes; nothing is changed)."""
+        notes = []
+        method, order = self.fvp_method()
+        if (
+            method == "binom"
+            and order < self.num_steps
+            and self.fvp_subsample > 1
+            and self.fvp_subsample_by == "episodes"
+        ):
+            notes.append(
+                f"BinomMAML's own Fisher products (order {order} < num-steps "
+                f"{self.num_steps}) expand J from the inner-loss Hessians of 1 in "
+                f"{self.fvp_subsample} whole episodes, too noisy for the expansion; on 2D "
+                "navigation at K = 3 this trained clearly worse than exact MAML. Consider "
+                "--fvp-estimator maml or --fvp-subsample-by steps (README, K = 3 results)"
+            )
+        return notes
+
 
 def _key(name: str) -> str:
     return name.replace("_", "-")

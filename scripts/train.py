@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.torch_threads < 1:
                 raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
             torch.set_num_threads(args.torch_threads)
+        for note in cfg.advice():
+            print(f"note: {note}", file=sys.stderr)
         reuse_freed_memory()
         metrics = train(
             cfg,

@@ -151,6 +151,28 @@ def test_moving_average_against_a_direct_mean():
     assert _moving_average(values, 1) == values
 
 
+BINOM_K2 = ["--estimator", "binom", "--order", "1", "--num-steps", "2"]
+
+
+@pytest.mark.parametrize(
+    "flags,noted",
+    [
+        (BINOM_K2, True),
+        ([*BINOM_K2, "--fvp-estimator", "maml"], False),
+        ([*BINOM_K2, "--fvp-subsample-by", "steps"], False),
+        ([*BINOM_K2, "--fvp-subsample", "1"], False),  # argparse: the last value wins
+        (["--estimator", "binom", "--order", "1", "--num-steps", "1"], False),  # exact at K = 1
+        (["--num-steps", "2", "--fvp-estimator", "binom", "--fvp-order", "1"], True),
+    ],
+)
+def test_train_notes_binom_fisher_on_noisy_episodes(tmp_path, capsys, flags, noted):
+    """A valid but measured-to-be-poor setting trains, with a one-line note on stderr."""
+    argv = [*TINY, "--num-batches", "1", "--fvp-subsample", "2", *flags]
+    assert train_cli.main([*argv, "--output-folder", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert ("note: BinomMAML's own Fisher products" in err) is noted
+
+
 def test_non_empty_folder_refused(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
