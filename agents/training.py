@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -199,15 +200,11 @@ def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
     }
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
+def _moving_average(values: Sequence[float], window: int) -> list[float]:
     """Mean of the last ``window`` values at each point (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+    n = len(values)
+    sums = np.convolve(np.asarray(values, dtype=float), np.ones(window))[:n]
+    return (sums / np.minimum(np.arange(1, n + 1), window)).tolist()
 
 
 def _save_line_plot(
