@@ -170,21 +170,23 @@ def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run
     from binom_rl.agents.evaluation import load_run
 
     folder, _ = straight_run
-    old = tmp_path / "old-run"
-    old.mkdir()
+
+    def saved_run(name: str, raw: dict) -> Path:
+        """A run folder with ``raw`` as its config and the straight run's checkpoint."""
+        run = tmp_path / name
+        run.mkdir()
+        (run / CONFIG_FILE).write_text(yaml.safe_dump(raw))
+        (run / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
+        return run
+
     raw = load_yaml(folder / CONFIG_FILE)
     assert raw.pop("rescale-actions") is True
     raw.pop("fvp-subsample-by")
-    (old / CONFIG_FILE).write_text(yaml.safe_dump(raw))
-    (old / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
-    cfg, _ = load_run(old)
+    cfg, _ = load_run(saved_run("old-run", raw))
     # what that run did, not today's defaults
     assert cfg.rescale_actions is False and cfg.fvp_subsample_by == "episodes"
     assert load_run(folder)[0].rescale_actions is True
     assert Config.from_dict(raw).rescale_actions is True
     # a saved value always wins over the legacy default
-    steps = tmp_path / "steps-run"
-    steps.mkdir()
-    (steps / CONFIG_FILE).write_text(yaml.safe_dump({**raw, "fvp-subsample-by": "steps"}))
-    (steps / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes())
+    steps = saved_run("steps-run", {**raw, "fvp-subsample-by": "steps"})
     assert load_run(steps)[0].fvp_subsample_by == "steps"
