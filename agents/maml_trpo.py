@@ -44,6 +44,7 @@ from binom_rl.metagrad import (
     batched_inner_step,
     batched_inner_step_with_hessian,
     default_chunk_size,
+    hessian_norms,
     mlp_hvp_bytes,
     prepare_meta_products,
     task_gradients,
@@ -57,6 +58,10 @@ from binom_rl.rl import (
     unflatten_params,
 )
 from binom_rl.sampler import Episodes, MultiTaskSampler
+
+# Power iterations for the diagnostic a ||H_k||: 20 reach the top eigenvalue's modulus to a
+# few percent when it stands out, which is when the figure matters.
+HESSIAN_NORM_ITERS = 20
 
 
 class NonFiniteError(RuntimeError):
@@ -481,9 +486,29 @@ class MetaLearner:
     def diagnose(
         self, path: list[Params], inner_data: list, outer_data: dict, g_flat: Tensor
     ) -> dict[str, float]:
-        """Cosine and relative error of the estimator's meta-gradient to the exact one."""
+        """Cosine and relative error of the estimator's meta-gradient to the exact one, and
+        a ||H_k|| on the inner data (see :meth:`alpha_hessian_norms`)."""
         exact = flatten_params(self.meta_gradient(path, inner_data, outer_data, method="maml"))
-        return _compare_to_exact("metagrad/", g_flat, exact)
+        metrics = _compare_to_exact("metagrad/", g_flat, exact)
+        metrics.update(self.alpha_hessian_norms("metagrad/", path, inner_data))
+        return metrics
+
+    def alpha_hessian_norms(
+        self, prefix: str, path: list[Params], inner_data: list
+    ) -> dict[str, float]:
+        """``{prefix}alpha_hessian_norm_median`` / ``_max`` over steps and tasks of
+        fast-lr * ||H_k^t||_2, the inner-loss Hessians' spectral norms (power iteration,
+        :func:`~binom_rl.metagrad.hessian_norms`). A truncated expansion's dropped terms
+        scale like its powers: well below 1 BinomMAML's products can be accurate, near or
+        above 1 they cannot. A generator of its own leaves the run's RNG streams alone."""
+        generator = torch.Generator().manual_seed(0)
+        norms = self.cfg.fast_lr * hessian_norms(
+            self.inner_loss, path, inner_data, iters=HESSIAN_NORM_ITERS, generator=generator
+        )
+        return {
+            f"{prefix}alpha_hessian_norm_median": float(norms.median()),
+            f"{prefix}alpha_hessian_norm_max": float(norms.max()),
+        }
 
     def diagnose_fvp(
         self, path: list[Params], inner_data: list, outer_data: dict, step_dir: Tensor,
@@ -491,12 +516,15 @@ class MetaLearner:
     ) -> dict[str, float]:  # fmt: skip
         """Cosine and relative error of the Fisher-vector product the CG solve worked with,
         (F + damping) s from its own products, to the exact (J^T F J + damping) s, along the
-        step direction s: the curvature the trust region saw where it stepped."""
+        step direction s: the curvature the trust region saw where it stepped; and
+        a ||H_k|| on the Fisher's data (its J products come from those Hessians)."""
         fvp = self.fvp_operator(path, inner_data, outer_data, method="maml")
         theta_like = {k: v[0] for k, v in path[0].items()}  # path has a leading task dim
         exact = flatten_params(fvp(unflatten_params(step_dir, theta_like)))
         exact = exact + self.cfg.cg_damping * step_dir
-        return _compare_to_exact("metagrad/fvp_", f_step, exact)
+        metrics = _compare_to_exact("metagrad/fvp_", f_step, exact)
+        metrics.update(self.alpha_hessian_norms("metagrad/fvp_", path, inner_data))
+        return metrics
 
     # ------------------------------------------------------------------ one iteration
 

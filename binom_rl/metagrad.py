@@ -340,6 +340,52 @@ def batched_inner_step_with_hessian(
     return _descend(params, grads, step_size), hvp
 
 
+def hessian_norms(
+    inner_loss: LossFn,
+    path: Sequence[Params],
+    inner_data: Sequence[Any],
+    *,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Spectral norms ||H_k^t||_2 = max |eigenvalue| of the inner-loss Hessians along a
+    task-batched path (phi_0..phi_K, leading task dim T): a [K, T] tensor.
+
+    Power iteration, v <- H v / ||H v|| from a random start, ``iters`` times on each
+    Hessian's graph (built once, as in :func:`hessian_product`); the estimate ||H v|| of a
+    unit v is a lower bound that converges to the norm at the rate |lambda_2 / lambda_1|.
+    Why it matters: the terms of the binomial expansion with l Hessians scale like
+    (a ||H||)^l, so with a = step size the product a ||H_k|| tells whether a truncated
+    expansion (BinomMAML, and TruncMAML's dropped factors) can be accurate (well below 1) or
+    not (near or above 1).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if len(path) != len(inner_data) + 1:
+        raise ValueError(
+            f"path has {len(path)} points for {len(inner_data)} steps: need phi_0..phi_K"
+        )
+    norms = []
+    for phi, data in zip(path[:-1], inner_data, strict=True):
+        _, hvp = hessian_product(inner_loss, phi, data)
+        v = {
+            k: torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            for k, x in phi.items()
+        }
+        tiny = torch.finfo(tree_leaves_first(v).dtype).tiny  # a zero Hessian gives norm 0
+        for _ in range(iters):
+            norm = _task_norms(v).clamp_min(tiny)
+            v = hvp({k: x / norm.view(-1, *[1] * (x.dim() - 1)) for k, x in v.items()})
+        norms.append(_task_norms(v))
+    return torch.stack(norms).detach()
+
+
+def _task_norms(tree: Params) -> Tensor:
+    """Euclidean norm of each task's slice (leading dim) over all tensors of a dict."""
+    squares = sum(x.reshape(x.shape[0], -1).square().sum(1) for x in tree.values())
+    return torch.sqrt(squares)
+
+
 def batched_adapt(
     inner_loss: LossFn,
     params: Params,

@@ -321,6 +321,9 @@ def test_diagnose_metrics_in_meta_iteration(samplers):
     assert math.isfinite(metrics["metagrad/rel_error_to_exact"])
     assert -1.0 <= metrics["metagrad/fvp_cosine_to_exact"] <= 1.0 + 1e-6
     assert metrics["metagrad/fvp_rel_error_to_exact"] > 0  # fomaml's J = I at K = 1
+    for prefix in ("metagrad/", "metagrad/fvp_"):
+        median = metrics[prefix + "alpha_hessian_norm_median"]
+        assert 0 < median <= metrics[prefix + "alpha_hessian_norm_max"]
 
 
 @pytest.mark.parametrize("by", ["steps", "episodes"])
@@ -366,6 +369,45 @@ def test_fvp_subsample_against_explicit_matrices(samplers, by):
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
     full = learner.fvp_operator(adaptation.path, adaptation.inner_data, valid)(v)
     assert not torch.allclose(flatten_params(full), got, rtol=1e-2)  # a real subsample
+
+
+def test_alpha_hessian_norms_against_explicit_hessians(samplers):
+    """fast-lr * ||H_k^t||_2 from the diagnostic's 20 power iterations, on the inner data
+    and on the Fisher's subsample, against eigvalsh of explicit Hessian matrices: never
+    above (a power iteration's estimate is a lower bound) and within 1% (20 iterations
+    converge at |lambda_2 / lambda_1|^20, not to rounding)."""
+    learner = _learner(samplers, **{"num-steps": 2, "fvp-subsample": 2, "fast-batch-size": 4})
+    _, adaptation, valid = _adapted(learner, seed=5)
+    fvp_inner, _ = learner._fvp_data(adaptation.inner_data, valid)
+    alpha, tasks = learner.cfg.fast_lr, range(learner.cfg.meta_batch_size)
+    for prefix, data in (("metagrad/", adaptation.inner_data), ("metagrad/fvp_", fvp_inner)):
+        got = learner.alpha_hessian_norms(prefix, adaptation.path, data)
+        want = []
+        for k, step_data in enumerate(data):
+            for t in tasks:
+                phi, task_data = _task(adaptation.path[k], t), _task(step_data, t)
+
+                def loss(x, phi=phi, task_data=task_data):
+                    return learner.inner_loss(unflatten_params(x, phi), task_data)
+
+                h = torch.func.hessian(loss)(flatten_params(phi))
+                want.append(alpha * torch.linalg.eigvalsh(h).abs().max())
+        want = torch.stack(want)
+        median = got[prefix + "alpha_hessian_norm_median"]
+        top = got[prefix + "alpha_hessian_norm_max"]
+        assert top <= float(want.max()) * (1 + 1e-5)
+        assert top == pytest.approx(float(want.max()), rel=0.01)
+        assert median == pytest.approx(float(want.median()), rel=0.01)
+
+
+def test_alpha_hessian_norms_leave_the_rng_alone(samplers):
+    """The diagnostic draws its start vectors from its own generator: the global RNG state
+    (which resume restores and the rest of the run draws from) is untouched."""
+    learner = _learner(samplers, **{"num-steps": 2})
+    _, adaptation, _ = _adapted(learner, seed=5)
+    before = torch.get_rng_state()
+    learner.alpha_hessian_norms("metagrad/", adaptation.path, adaptation.inner_data)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("by", ["steps", "episodes"])

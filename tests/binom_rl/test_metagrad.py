@@ -21,6 +21,7 @@ from binom_rl.metagrad import (
     batched_meta_jvp,
     batched_meta_vjp,
     functional_model,
+    hessian_norms,
     meta_gradient,
     meta_jvp,
     meta_vjp,
@@ -487,3 +488,76 @@ def test_task_batched_loss_equals_vmapped_per_task_loss(hvp_mode, chunk_size):
 
 def _index_task(d, t):
     return {k: x[t] for k, x in d.items()}
+
+
+# --------------------------------------------------------------------------- hessian_norms
+
+
+def _quadratic_with_spectrum(eigenvalues, gen):
+    """A symmetric matrix Q diag(eigenvalues) Q^T with a random orthogonal Q."""
+    q, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen, dtype=torch.float64))
+    return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def test_hessian_norms_on_quadratics_with_known_spectra():
+    """The largest |eigenvalue|, negative ones included, for every step and task."""
+    gen = torch.Generator().manual_seed(3)
+    K, T = 2, 3
+    tops = [[4.0, -6.0, 2.5], [-3.0, 1.5, 9.0]]  # [K][T]: the eigenvalue of largest modulus
+    A = [[_quadratic_with_spectrum([tops[k][t], 1.0, -1.0, 0.5] + [0.1] * 5, gen)
+          for t in range(T)] for k in range(K)]  # fmt: skip
+    inner = [{"A": torch.stack(A[k]), "c": torch.randn(T, DIM, generator=gen, dtype=torch.float64)}
+             for k in range(K)]  # fmt: skip
+    path = batched_adapt(quad_loss, _random_params(gen, torch.float64), inner, step_size=ALPHA)
+    got = hessian_norms(quad_loss, path, inner, iters=200, generator=gen)
+    assert got.shape == (K, T)
+    want = torch.tensor([[max(abs(e) for e in torch.linalg.eigvalsh(A[k][t]).tolist())
+                          for t in range(T)] for k in range(K)], dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(want, torch.tensor(tops, dtype=torch.float64).abs())
+    torch.testing.assert_close(got, want)
+
+
+def test_hessian_norms_on_mlp_against_explicit_hessian():
+    """Against eigvalsh of the full Hessian (torch.func.hessian of the flattened
+    parameters), per task: a lower bound always, and close after enough iterations."""
+    K, T = 2, 2
+    params, loss, _, _ = _mlp_problem(K, torch.float64, seed=0)
+    tasks = [_mlp_problem(K, torch.float64, seed=30 + t)[2] for t in range(T)]
+    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
+             for k in range(K)]  # fmt: skip
+    path = batched_adapt(loss, params, inner, step_size=0.05)
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def flat_loss(x, data):
+        chunks = torch.split(x, sizes)
+        return loss({n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, data)
+
+    want = torch.empty(K, T, dtype=torch.float64)
+    for k in range(K):
+        for t in range(T):
+            x = torch.cat([path[k][n][t].reshape(-1) for n in names])
+            h = torch.func.hessian(flat_loss)(x, _index_task(inner[k], t))
+            want[k, t] = torch.linalg.eigvalsh(h).abs().max()
+    gen = torch.Generator().manual_seed(0)
+    few = hessian_norms(loss, path, inner, iters=3, generator=gen)
+    assert (few <= want * (1 + 1e-10)).all()  # ||H v|| of a unit v never exceeds ||H||
+    many = hessian_norms(loss, path, inner, iters=500, generator=gen)
+    torch.testing.assert_close(many, want, rtol=1e-6, atol=0)
+
+
+def test_hessian_norms_zero_hessian_and_bad_input():
+    gen = torch.Generator().manual_seed(1)
+
+    def linear_loss(p, data):
+        return data["c"] @ _flat(p)
+
+    inner = [{"c": torch.randn(2, DIM, generator=gen, dtype=torch.float64)}]
+    path = batched_adapt(linear_loss, _random_params(gen, torch.float64), inner, step_size=ALPHA)
+    got = hessian_norms(linear_loss, path, inner, iters=5, generator=gen)
+    assert torch.equal(got, torch.zeros(1, 2, dtype=torch.float64))  # not NaN
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        hessian_norms(linear_loss, path, inner, iters=0)
+    with pytest.raises(ValueError, match="need phi_0..phi_K"):
+        hessian_norms(linear_loss, path[:1], inner)
