@@ -81,6 +81,12 @@ def _check_finite(where: str, *tensors: Tensor | dict) -> None:
                 raise NonFiniteError(f"non-finite values (NaN/inf) in {where}")
 
 
+def fvp_subsample(data: Any, n: int, by: str) -> Any:
+    """Every n-th episode (``by="episodes"``) or time step (``"steps"``) of task-major
+    [T, H, B, ...] data: what ``fvp-subsample`` / ``fvp-subsample-by`` give the Fisher."""
+    return _every_nth(data, n, 1 if by == "steps" else 2)
+
+
 def _every_nth(data: Any, n: int, dim: int) -> Any:
     """Keep indices 0, n, 2n, ... along ``dim`` of task-major [T, H, B, ...] tensors: dim 1
     is time steps, dim 2 episodes. Tensors of fewer dims, or of size 1 there (a Gaussian's
@@ -480,8 +486,8 @@ class MetaLearner:
         error along the CG step with episodes, within 0.26 with steps), so BinomMAML at
         K >= 2 wants ``fvp-estimator: maml`` or ``steps``.
         """
-        n, dim = self.cfg.fvp_subsample, 1 if self.cfg.fvp_subsample_by == "steps" else 2
-        return [_every_nth(d, n, dim) for d in inner_data], _every_nth(outer_data, n, dim)
+        n, by = self.cfg.fvp_subsample, self.cfg.fvp_subsample_by
+        return [fvp_subsample(d, n, by) for d in inner_data], fvp_subsample(outer_data, n, by)
 
     def diagnose(
         self, path: list[Params], inner_data: list, outer_data: dict, g_flat: Tensor

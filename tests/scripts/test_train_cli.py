@@ -109,6 +109,18 @@ def test_evaluate_writes_results(finished_run, tmp_path, capsys):
     assert set(rows[0]) == {"step", "mean_return", "stderr"}
 
 
+def test_inspect_curvature_prints_table_and_refuses_bad_input(finished_run, tmp_path, capsys):
+    cli = _load_script("inspect_curvature")
+    assert cli.main(["--run", str(finished_run), "--meta-batch-size", "2", "--iters", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "| data | abs(mean A) / rms A |" in printed
+    assert "| 1 in 5 whole episodes, advantages re-centred |" in printed
+    assert cli.main(["--run", str(tmp_path)]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert cli.main(["--run", str(finished_run), "--iters", "0"]) == 2
+    assert "--iters must be >= 1" in capsys.readouterr().err
+
+
 def test_plot_run_writes_png_and_refuses_non_run(finished_run, tmp_path, capsys):
     plot_cli = _load_script("plot_run")
     out = tmp_path / "curves.png"
