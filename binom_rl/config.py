@@ -219,9 +219,11 @@ class Config:
             notes.append(
                 f"BinomMAML's own Fisher products (order {order} < num-steps "
                 f"{self.num_steps}) expand J from the inner-loss Hessians of 1 in "
-                f"{self.fvp_subsample} whole episodes, too noisy for the expansion; on 2D "
-                "navigation at K = 3 this trained clearly worse than exact MAML. Consider "
-                "--fvp-estimator maml or --fvp-subsample-by steps (README, K = 3 results)"
+                f"{self.fvp_subsample} whole episodes, whose fast-lr x norm grows past 1 as "
+                "the policy sharpens (scripts/inspect_curvature.py), out of the expansion's "
+                "reach; on 2D navigation at K = 3 this trained clearly worse than exact MAML. "
+                "Consider --fvp-estimator maml or --fvp-subsample-by steps (README, K = 3 "
+                "results)"
             )
         return notes
 

@@ -153,9 +153,7 @@ def test_cached_products_match_brute_force_on_every_reuse(K):
 def test_cached_products_equal_recomputed_on_mlp(method, order):
     K, T = 3, 2
     params, loss, _, _ = _mlp_problem(K, torch.float64, seed=0)
-    tasks = [_mlp_problem(K, torch.float64, seed=20 + t)[2] for t in range(T)]
-    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
-             for k in range(K)]  # fmt: skip
+    inner = _mlp_task_data(K, T, seed=20)
     path = batched_adapt(loss, params, inner, step_size=0.05)
     kw = dict(step_size=0.05, method=method, order=order)
     cached = prepare_meta_products(loss, path, inner, cache=True, **kw)
@@ -178,9 +176,7 @@ def test_products_from_kept_inner_step_hessians(method, order):
     graphs built afresh, for the sequential products and the binomial cascade alike."""
     K, T = 3, 2
     params, loss, _, _ = _mlp_problem(K, torch.float64, seed=1)
-    tasks = [_mlp_problem(K, torch.float64, seed=30 + t)[2] for t in range(T)]
-    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
-             for k in range(K)]  # fmt: skip
+    inner = _mlp_task_data(K, T, seed=30)
     phi = {k: v.unsqueeze(0).expand(T, *v.shape) for k, v in params.items()}
     path, kept = [phi], []
     for data in inner:
@@ -270,6 +266,13 @@ def _mlp_problem(K, dtype, seed=0, n=10):
     inner = [make(2.0, 0.5) for _ in range(K)]
     outer = make(2.0, 0.5)
     return params, loss, inner, outer
+
+
+def _mlp_task_data(K, T, seed):
+    """Inner data of T sine tasks (seeds seed, seed + 1, ...) stacked along a task dim."""
+    tasks = [_mlp_problem(K, torch.float64, seed=seed + t)[2] for t in range(T)]
+    return [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
+            for k in range(K)]  # fmt: skip
 
 
 def _unrolled_meta_gradient(loss, params, inner, outer, step_size):
@@ -446,9 +449,7 @@ def test_task_batched_loss_equals_vmapped_per_task_loss(hvp_mode, chunk_size):
     loss' gradients, HVPs and meta-products (vmap path), and its per-task call is the loss."""
     K, T = 3, 3
     params, loss, _, outer = _mlp_problem(K, torch.float64, seed=2)
-    tasks = [_mlp_problem(K, torch.float64, seed=40 + t)[2] for t in range(T)]
-    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
-             for k in range(K)]  # fmt: skip
+    inner = _mlp_task_data(K, T, seed=40)
     batched_loss = TaskBatchedLoss(_task_batched_mlp_losses)
     torch.testing.assert_close(
         batched_loss(params, _index_task(inner[0], 1)), loss(params, _index_task(inner[0], 1))
@@ -522,9 +523,7 @@ def test_hessian_norms_on_mlp_against_explicit_hessian():
     parameters), per task: a lower bound always, and close after enough iterations."""
     K, T = 2, 2
     params, loss, _, _ = _mlp_problem(K, torch.float64, seed=0)
-    tasks = [_mlp_problem(K, torch.float64, seed=30 + t)[2] for t in range(T)]
-    inner = [{key: torch.stack([tasks[t][k][key] for t in range(T)]) for key in ("x", "y")}
-             for k in range(K)]  # fmt: skip
+    inner = _mlp_task_data(K, T, seed=30)
     path = batched_adapt(loss, params, inner, step_size=0.05)
     names = list(params)
     shapes = [params[n].shape for n in names]
