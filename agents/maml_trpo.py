@@ -59,10 +59,6 @@ from binom_rl.rl import (
 )
 from binom_rl.sampler import Episodes, MultiTaskSampler
 
-# Power iterations for the diagnostic a ||H_k||: 20 reach the top eigenvalue's modulus to a
-# few percent when it stands out, which is when the figure matters.
-HESSIAN_NORM_ITERS = 20
-
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf appeared; the message names where."""
@@ -509,7 +505,7 @@ class MetaLearner:
         above 1 they cannot. A generator of its own leaves the run's RNG streams alone."""
         generator = torch.Generator().manual_seed(0)
         norms = self.cfg.fast_lr * hessian_norms(
-            self.inner_loss, path, inner_data, iters=HESSIAN_NORM_ITERS, generator=generator
+            self.inner_loss, path, inner_data, generator=generator
         )
         return {
             f"{prefix}alpha_hessian_norm_median": float(norms.median()),

@@ -353,7 +353,9 @@ def hessian_norms(
 
     Power iteration, v <- H v / ||H v|| from a random start, ``iters`` times on each
     Hessian's graph (built once, as in :func:`hessian_product`); the estimate ||H v|| of a
-    unit v is a lower bound that converges to the norm at the rate |lambda_2 / lambda_1|.
+    unit v is a lower bound that converges to the norm at the rate |lambda_2 / lambda_1|;
+    the default 20 iterations reach it to a few percent when the top eigenvalue stands out,
+    which is when the figure matters.
     Why it matters: the terms of the binomial expansion with l Hessians scale like
     (a ||H||)^l, so with a = step size the product a ||H_k|| tells whether a truncated
     expansion (BinomMAML, and TruncMAML's dropped factors) can be accurate (well below 1) or
