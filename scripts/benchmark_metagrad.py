@@ -11,7 +11,7 @@ memory flatness in K, and optionally time / memory vs vmap chunk_size. Writes
         --chunk-sizes none 1 2 4 8 16 --num-tasks 40 --ks 10 --samples-per-task 800 \\
         --hidden 100 100
 
-The library part is ``binom_rl.benchmarks.metagrad_bench``; ``--worker`` (internal) runs one
+The harness is ``benchmarks.metagrad_bench``; ``--worker`` (internal) runs one
 measurement in a fresh process.
 """
 
@@ -20,8 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
-from binom_rl.benchmarks.metagrad_bench import (
+# The benchmark harness is the checkout's top-level package benchmarks/, not installed with
+# binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
+# installed binom_rl stays the one imported; an editable install maps to this checkout.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.metagrad_bench import (  # noqa: E402
     DEFAULT_STEP_SIZE,
     BenchmarkOptions,
     quick_options,

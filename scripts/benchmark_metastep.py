@@ -7,15 +7,22 @@ reference, at K = 1, 3, 5, 10, plus a chunk_size table; no environment needed.
     python scripts/benchmark_metastep.py --device cuda            # full size, GPU
     python scripts/benchmark_metastep.py --quick --output /tmp/metastep.md
 
-The library part is ``binom_rl.benchmarks.metastep_bench``.
+The harness is ``benchmarks.metastep_bench``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
-from binom_rl.benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark
+# The benchmark harness is the checkout's top-level package benchmarks/, not installed with
+# binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
+# installed binom_rl stays the one imported; an editable install maps to this checkout.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark  # noqa: E402
 
 
 def _chunk(text: str) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from binom_rl.benchmarks.metastep_bench import (
+from benchmarks.metastep_bench import (
     correctness_check,
     make_problem,
     quick_options,

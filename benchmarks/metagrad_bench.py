@@ -471,9 +471,13 @@ def measure(cfg: MeasureConfig) -> Measurement:
     return out
 
 
+#: The script whose ``--worker JSON`` flag runs :func:`worker_main` in a fresh interpreter.
+WORKER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_metagrad.py"
+
+
 def default_worker_cmd() -> list[str]:
-    """Command that runs :func:`worker_main` in a fresh interpreter (this module's main)."""
-    return [sys.executable, "-m", "binom_rl.benchmarks.metagrad_bench"]
+    """Command that runs :func:`worker_main` in a fresh interpreter (the benchmark script)."""
+    return [sys.executable, str(WORKER_SCRIPT)]
 
 
 def set_malloc_mmap_threshold(nbytes: int = 65536) -> bool:
@@ -1188,9 +1192,3 @@ def report_markdown(res: dict[str, Any], opts: BenchmarkOptions) -> str:
         ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker_main(sys.argv[2])
-    else:
-        sys.exit("usage: python -m binom_rl.benchmarks.metagrad_bench --worker CONFIG_JSON")

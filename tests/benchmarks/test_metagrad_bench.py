@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from binom_rl.benchmarks.metagrad_bench import (
+from benchmarks.metagrad_bench import (
     BenchmarkOptions,
     MeasureConfig,
     Measurement,

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.metagrad_bench import environment_line, markdown_table
 from binom_rl.agents.maml_trpo import AdaptationResult, MetaLearner
 from binom_rl.agents.policies import GaussianMLPPolicy
-from binom_rl.benchmarks.metagrad_bench import environment_line, markdown_table
 from binom_rl.config import Config
 from binom_rl.metagrad import Params, batched_inner_step, default_chunk_size, mlp_hvp_bytes
 from binom_rl.rl import flatten_params
