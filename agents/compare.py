@@ -39,11 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_params, write_results
-from binom_rl.agents.maml_trpo import mean_and_stderr
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, read_scalars
 from binom_rl.checkpoint import atomic_write, load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml, save_config
 from binom_rl.metagrad import METHODS
+from binom_rl.rl import mean_and_stderr
 
 __all__ = [
     "EstimatorSpec",

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from binom_rl.agents.maml_trpo import MetaLearner, derive_seed, mean_and_stderr
+from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
 from binom_rl.checkpoint import load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml
+from binom_rl.rl import mean_and_stderr
 from binom_rl.sampler import MultiTaskSampler
 
 TEST_SEED_OFFSET = 1_000_003  # test task seeds never coincide with training ones

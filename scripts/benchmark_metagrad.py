@@ -27,6 +27,7 @@ from pathlib import Path
 # installed binom_rl stays the one imported; an editable install maps to this checkout.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse_chunk_size  # noqa: E402
 from benchmarks.metagrad_bench import (  # noqa: E402
     DEFAULT_STEP_SIZE,
     BenchmarkOptions,
@@ -36,10 +37,6 @@ from benchmarks.metagrad_bench import (  # noqa: E402
 )
 
 TABLES = ("errors", "cost", "flatness", "chunks")
-
-
-def _chunk(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flat-samples", type=int, help="samples per step for Table 3")
     p.add_argument("--flat-ks", type=int, nargs=2, help="the two K of Table 3")
     p.add_argument(
-        "--chunk-sizes", type=_chunk, nargs="+", help="chunk sizes for Table 4 ('none' = all)"
+        "--chunk-sizes",
+        type=parse_chunk_size,
+        nargs="+",
+        help="chunk sizes for Table 4 ('none' = all)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU measurement")
     p.add_argument(

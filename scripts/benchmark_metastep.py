@@ -22,11 +22,8 @@ from pathlib import Path
 # installed binom_rl stays the one imported; an editable install maps to this checkout.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse_chunk_size  # noqa: E402
 from benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark  # noqa: E402
-
-
-def _chunk(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (default 64 64)")
     p.add_argument("--ks", type=int, nargs="+", help="inner steps K (default 1 3 5 10)")
     p.add_argument("--orders", type=int, nargs="+", help="BinomMAML L (default 1 2 3)")
-    p.add_argument("--chunk-sizes", type=_chunk, nargs="+", help="chunk_size table ('none')")
+    p.add_argument(
+        "--chunk-sizes", type=parse_chunk_size, nargs="+", help="chunk_size table ('none')"
+    )
     p.add_argument("--chunk-k", type=int, help="K of the chunk_size table (default 10)")
     p.add_argument("--repeats", type=int, help="timed calls per configuration (median)")
     p.add_argument("--time-budget", type=float, help="seconds; later measurements are skipped")
