@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -18,7 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from binom_rl.checkpoint import atomic_write
-from binom_rl.metagrad import HVP_MODES, METHODS
+from binom_rl.metagrad import HVP_MODES, METHODS, effective_order
 
 
 class ConfigError(ValueError):
@@ -191,14 +192,22 @@ class Config:
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
-        if method in ("trunc", "binom"):
-            if order < 0:
-                raise ConfigError(f"{order_key} must be >= 0, got {order}")
-            if order > self.num_steps:
-                raise ConfigError(
-                    f"{order_key} {order} > num-steps {self.num_steps}: {method} ({what}) keeps "
-                    f"at most num-steps Hessian factors (order = num-steps is already exact MAML)"
-                )
+        try:
+            effective_order(method, order, self.num_steps)
+        except ValueError as err:
+            raise ConfigError(
+                f"{order_key} for {what} {method} (num-steps {self.num_steps}): {err}"
+            ) from err
+
+    def diff(self, saved: Config, ignore: Sequence[str] = ()) -> list[str]:
+        """``"key (saved x, given y)"`` for every key whose value in ``saved`` (a run's saved
+        config) differs from this one's, MAML-RL spelling; keys in ``ignore`` are left out."""
+        skip = {_key(k) for k in ignore}
+        return [
+            f"{_key(f.name)} (saved {getattr(saved, f.name)!r}, given {getattr(self, f.name)!r})"
+            for f in dataclasses.fields(self)
+            if _key(f.name) not in skip and getattr(saved, f.name) != getattr(self, f.name)
+        ]
 
     def fvp_method(self) -> tuple[str, int]:
         """(estimator, order) of the J products inside Fisher-vector products."""
