@@ -573,4 +573,3 @@ def _compare_to_exact(prefix: str, approx: Tensor, exact: Tensor) -> dict[str, f
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
