@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
+NONLINEARITIES = ("tanh", "relu")  # the MLP policies' hidden-layer activations
 
 # Keys added after runs were first saved, with the behaviour those runs had (whatever the
 # default is today).
@@ -186,8 +187,11 @@ class Config:
             raise ConfigError(
                 f"hidden-sizes must be a list of positive ints, got {self.hidden_sizes}"
             )
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ConfigError(
+                f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, "
+                f"got {self.nonlinearity!r}"
+            )
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -231,8 +235,8 @@ class Config:
                 f"{self.fvp_subsample} whole episodes, whose fast-lr x norm grows past 1 as "
                 "the policy sharpens (scripts/inspect_curvature.py), out of the expansion's "
                 "reach; on 2D navigation at K = 3 this trained clearly worse than exact MAML. "
-                "Consider --fvp-estimator maml or --fvp-subsample-by steps (README, K = 3 "
-                "results)"
+                "Consider --fvp-estimator maml or --fvp-subsample-by steps "
+                "(docs/results/2dnav_k3_fvp_subsample.md)"
             )
         return notes
 

@@ -150,7 +150,8 @@ def mlp_hvp_bytes(
 
 
 def device_memory_bytes(device: str | torch.device) -> int:
-    """Total memory of ``device``: the GPU's on CUDA, physical RAM otherwise."""
+    """Total memory of ``device``: the GPU's on CUDA, physical RAM otherwise (8 GiB where the
+    OS does not say)."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)

@@ -257,6 +257,7 @@ BAD_FLAGS = {
         "fvp-order for fvp-estimator binom (num-steps 1): order 2 > 1 inner steps",
     ),
     "unknown hvp mode": (["--hvp-mode", "fast"], "hvp-mode must be one of"),
+    "unknown nonlinearity": (["--nonlinearity", "elu"], "nonlinearity must be one of tanh, relu"),
     "zero fvp subsample": (["--fvp-subsample", "0"], "fvp-subsample must be >= 1"),
     "unknown fvp subsample unit": (
         ["--fvp-subsample-by", "samples"],
