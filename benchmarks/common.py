@@ -33,6 +33,12 @@ def parse_chunk_size(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def given_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The optional flags given on the command line (not None), lists as tuples: overrides
+    for an options dataclass, whose sequence fields are tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
 def timed_cuda_call(call: Callable[[], Any], device: str) -> tuple[float, float, Any]:
     """Seconds of one ``call()`` on a CUDA ``device`` (CUDA events), its peak memory growth
     in MiB (``max_memory_allocated`` during the call minus ``memory_allocated`` before it),

@@ -27,7 +27,7 @@ from pathlib import Path
 # installed binom_rl stays the one imported; an editable install maps to this checkout.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parse_chunk_size  # noqa: E402
+from benchmarks.common import given_flags, parse_chunk_size  # noqa: E402
 from benchmarks.metagrad_bench import (  # noqa: E402
     DEFAULT_STEP_SIZE,
     BenchmarkOptions,
@@ -105,9 +105,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         "flat_ks": args.flat_ks,
         "chunk_sizes": args.chunk_sizes,
     }
-    for key, value in optional.items():
-        if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+    overrides.update(given_flags(optional))
     if args.in_process:
         overrides["isolate"] = False
     if args.quick:

@@ -22,7 +22,7 @@ from pathlib import Path
 # installed binom_rl stays the one imported; an editable install maps to this checkout.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parse_chunk_size  # noqa: E402
+from benchmarks.common import given_flags, parse_chunk_size  # noqa: E402
 from benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark  # noqa: E402
 
 
@@ -63,9 +63,7 @@ def options_from_args(args: argparse.Namespace) -> MetastepOptions:
         "repeats": args.repeats,
         "time_budget_s": args.time_budget,
     }
-    for key, value in optional.items():
-        if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+    overrides.update(given_flags(optional))
     if args.no_trpo:
         overrides["trpo"] = False
     if args.no_reference:

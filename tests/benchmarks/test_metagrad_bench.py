@@ -1,6 +1,7 @@
 """The meta-gradient benchmark at tiny sizes: outputs, error-table sanity, the vanilla
 reference against the engine's exact MAML, and the fresh-process worker path."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from benchmarks.metagrad_bench import (
     error_table,
     lookup_error,
     mse_loss,
+    quick_options,
     run_benchmark,
     sample_sinusoid_problem,
     vanilla_meta_gradient,
@@ -148,3 +150,19 @@ def test_script_worker_measures_in_fresh_process():
     res = Measurement.from_json(json.loads(out.stdout.strip().splitlines()[-1]))
     assert res.error is None and res.time_s > 0 and res.peak_mb >= 0
     assert res.config == replace(cfg)
+
+
+def test_script_flags_set_their_options():
+    spec = importlib.util.spec_from_file_location("_benchmark_metagrad", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--ks", "1", "3", "--num-tasks", "4", "--hidden", "8", "8", "--order", "1",
+            "--chunk-sizes", "none", "2", "--flat-ks", "2", "4", "--threads", "2",
+            "--output-dir", "out", "--in-process"]  # fmt: skip
+    got = script.options_from_args(script.parse_args(argv))
+    want = dict(ks=(1, 3), num_tasks=4, hidden=(8, 8), order=1, chunk_sizes=(None, 2),
+                flat_ks=(2, 4), threads=2, output_dir="out", isolate=False,
+                tables=("errors", "cost", "flatness", "chunks"))  # fmt: skip
+    assert got == replace(BenchmarkOptions(), **want)
+    quick = script.options_from_args(script.parse_args([*argv, "--quick", "--tables", "cost"]))
+    assert quick == quick_options(**{**want, "tables": ("cost",)})
