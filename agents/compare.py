@@ -355,7 +355,7 @@ def _execute_estimator(run: RunPlan, plan: Plan) -> None:
             shutil.rmtree(run.folder)
         run.folder.mkdir(parents=True)
         log.write_text("")
-        # the folder now holds the log: train.py needs --overwrite to start in it
+        # the folder now holds the log: train needs --overwrite to start in it
         cmd = [*train, "--config", str(config_path), *common, "--overwrite"]
         _run_logged(cmd, log, f"training {run.folder.name}")
     elif run.action == "resume":

@@ -2,7 +2,7 @@
 
 YAML files and flags use the MAML-RL spelling (``fast-lr``, ``meta-batch-size``, ...);
 Python code uses the same names with underscores. Every key is a flag of
-``scripts/train.py`` (``--fast-lr 0.05``), and the flags override the YAML file.
+``binom-rl-train`` (``--fast-lr 0.05``), and the flags override the YAML file.
 """
 
 from __future__ import annotations
@@ -219,8 +219,8 @@ class Config:
         return method, self.fvp_order if self.fvp_order is not None else self.order
 
     def advice(self) -> list[str]:
-        """Settings that are valid but measured to train badly, one line each (the scripts
-        print them as notes; nothing is changed)."""
+        """Settings that are valid but measured to train badly, one line each (binom-rl-train
+        prints them as notes; nothing is changed)."""
         notes = []
         method, order = self.fvp_method()
         if (
@@ -233,7 +233,7 @@ class Config:
                 f"BinomMAML's own Fisher products (order {order} < num-steps "
                 f"{self.num_steps}) expand J from the inner-loss Hessians of 1 in "
                 f"{self.fvp_subsample} whole episodes, whose fast-lr x norm grows past 1 as "
-                "the policy sharpens (scripts/inspect_curvature.py), out of the expansion's "
+                "the policy sharpens (binom-rl-inspect-curvature), out of the expansion's "
                 "reach; on 2D navigation at K = 3 this trained clearly worse than exact MAML. "
                 "Consider --fvp-estimator maml or --fvp-subsample-by steps "
                 "(docs/results/2dnav_k3_fvp_subsample.md)"
