@@ -4,6 +4,7 @@ trains and evaluates its runs through the installed package."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,8 +31,10 @@ def installed(tmp_path_factory) -> dict[str, str]:
         else:
             shutil.copy2(path, src / name)
     target = tmp / "site"
+    # this environment's setuptools where it has one (no download); else pip's isolated build
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *isolation,
          "--no-compile", "--target", str(target), str(src)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
