@@ -2,34 +2,31 @@
 
 :func:`plan_comparison` validates everything and decides, for every run folder, what is
 left to do (nothing, evaluate, resume, train); :func:`run_comparison` does it and writes
-the summary. Folder layout under ``output_folder``::
+the summary (:mod:`binom_rl.agents.compare_summary`). Folder layout under
+``output_folder``::
 
     configs/<est>_seed<S>.yaml      resolved config each training run starts from
-    <est>_seed<S>/                  scripts/train.py run (policy.pt, events, train.log)
-                                    + results.npz / results.csv (evaluate.py protocol)
+    <est>_seed<S>/                  binom-rl-train run (policy.pt, events, train.log)
+                                    + results.npz / results.csv (binom-rl-evaluate)
     <baseline>_seed<S>/             config.yaml, baseline.json, ppo.zip, results.npz
     summary.md, summary.csv, learning_curves.png, adaptation.png
 
-Each estimator run is a separate process (``scripts/train.py --torch-threads 1
---no-progress``, then ``scripts/evaluate.py``), at most ``jobs`` at once; the baselines run
-one after another in this process on one pool slot (they share torch's global RNG).
-Every number in the summary is read back from the runs' TensorBoard events and
-results.npz files: there is no second logging path.
+Each estimator run is a separate process (``python -m binom_rl.agents.cli.train
+--torch-threads 1 --no-progress``, then ``binom_rl.agents.cli.evaluate``: the installed
+package, wherever it is), at most ``jobs`` at once; the baselines run one after another
+in this process on one pool slot (they share torch's global RNG).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,31 +35,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from binom_rl.agents.compare_summary import Row, aggregate, write_summary
 from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_params, write_results
-from binom_rl.agents.maml_trpo import mean_and_stderr
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, read_scalars
+from binom_rl.agents.sb3_baselines import BASELINES
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
 from binom_rl.checkpoint import atomic_write, load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml, save_config
-from binom_rl.metagrad import METHODS
+from binom_rl.metagrad import METHODS, effective_order
 
 __all__ = [
     "EstimatorSpec",
     "CompareOptions",
     "RunPlan",
-    "Row",
+    "Plan",
     "parse_estimators",
     "parse_seeds",
     "parse_baselines",
     "plan_comparison",
     "run_comparison",
-    "aggregate",
-    "write_summary",
 ]
 
-BASELINES = ("pretrained", "oracle", "random")
-FINAL_WINDOW = 10  # final post-adaptation return: mean of the last 10 iterations
 DEFAULT_BASELINE_CAP = 1_000_000  # default PPO budget: min(one estimator run's, this)
-SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 BASELINE_META = "baseline.json"
 LOG_FILE = "train.log"
 
@@ -85,8 +78,7 @@ class EstimatorSpec:
 
     def config_keys(self, num_steps: int) -> dict[str, Any]:
         """The config's estimator and order (maml: order K, fomaml: 0)."""
-        order = {"maml": num_steps, "fomaml": 0}.get(self.name, self.order)
-        return {"estimator": self.name, "order": order}
+        return {"estimator": self.name, "order": effective_order(self.name, self.order, num_steps)}
 
 
 def parse_estimators(text: str, num_steps: int) -> list[EstimatorSpec]:
@@ -106,8 +98,10 @@ def parse_estimators(text: str, num_steps: int) -> list[EstimatorSpec]:
                 order = int(order_text)
             except ValueError as err:
                 raise ConfigError(f"--estimators: order of {item!r} is not an int") from err
-            if not 0 <= order <= num_steps:
-                raise ConfigError(f"--estimators: {item} needs 0 <= L <= num-steps ({num_steps})")
+            try:
+                effective_order(name, order, num_steps)
+            except ValueError as err:
+                raise ConfigError(f"--estimators: {item} (num-steps {num_steps}): {err}") from err
         elif order_text:
             raise ConfigError(f"--estimators: {name} takes no order, got {item!r}")
         spec = EstimatorSpec(name, order)
@@ -225,12 +219,10 @@ def _estimator_action(folder: Path, cfg: Config, num_tasks: int, eval_steps: int
         return "train"
     if not (folder / CHECKPOINT_FILE).is_file():
         return "overwrite"  # crashed before its first checkpoint
-    saved = Config.from_saved(load_yaml(folder / CONFIG_FILE)).to_dict()
-    wanted = cfg.to_dict()
-    diff = [k for k in wanted if k != "num-batches" and saved.get(k) != wanted[k]]
+    diff = cfg.diff(Config.from_saved(load_yaml(folder / CONFIG_FILE)), ignore=["num-batches"])
     if diff:
         raise ConfigError(
-            f"{folder} was trained with different settings ({', '.join(diff)}): use another "
+            f"{folder} was trained with different settings ({'; '.join(diff)}): use another "
             "--output-folder or delete that run"
         )
     done = int(load_checkpoint(folder / CHECKPOINT_FILE)["iteration"])
@@ -325,8 +317,17 @@ def plan_comparison(options: CompareOptions) -> Plan:
 
 def _subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # evaluate.py: torch's default threads
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # evaluate: torch's default threads
+    # `python -m` puts the working directory first on sys.path; a checkout there (its
+    # binom_rl/ folder) would then shadow the installed package the runs must use.
+    env["PYTHONSAFEPATH"] = "1"
     return env
+
+
+def _command(name: str) -> list[str]:
+    """How a run starts one of the package's commands (train, evaluate): this interpreter
+    with the installed package, not a script path that only a checkout has."""
+    return [sys.executable, "-m", f"binom_rl.agents.cli.{name}"]
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> None:
@@ -342,9 +343,9 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> None:
 
 
 def _execute_estimator(run: RunPlan, plan: Plan) -> None:
-    opts, py = plan.options, sys.executable
+    opts = plan.options
     common = ["--output-folder", str(run.folder), "--torch-threads", "1", "--no-progress"]
-    train = str(SCRIPTS_DIR / "train.py")
+    train = _command("train")
     log = run.folder / LOG_FILE
     if run.action in ("train", "overwrite"):
         config_path = plan.folder / "configs" / f"{run.folder.name}.yaml"
@@ -354,14 +355,14 @@ def _execute_estimator(run: RunPlan, plan: Plan) -> None:
             shutil.rmtree(run.folder)
         run.folder.mkdir(parents=True)
         log.write_text("")
-        # the folder now holds the log: train.py needs --overwrite to start in it
-        cmd = [py, train, "--config", str(config_path), *common, "--overwrite"]
+        # the folder now holds the log: train needs --overwrite to start in it
+        cmd = [*train, "--config", str(config_path), *common, "--overwrite"]
         _run_logged(cmd, log, f"training {run.folder.name}")
     elif run.action == "resume":
-        cmd = [py, train, "--resume", *common, "--num-batches", str(run.cfg.num_batches)]
+        cmd = [*train, "--resume", *common, "--num-batches", str(run.cfg.num_batches)]
         _run_logged(cmd, log, f"resuming {run.folder.name}")
     evaluate = [
-        py, str(SCRIPTS_DIR / "evaluate.py"), "--run", str(run.folder),
+        *_command("evaluate"), "--run", str(run.folder),
         "--num-steps", str(opts.eval_num_steps),
         "--meta-batch-size", str(opts.eval_meta_batch_size),
         "--num-batches", str(opts.eval_num_batches),
@@ -457,261 +458,3 @@ def run_comparison(options: CompareOptions) -> tuple[Plan, list[Row], list[str]]
     rows = aggregate(plan, exclude=set(failures))
     write_summary(plan, rows)
     return plan, rows, [f"{name}: {msg}" for name, msg in failures.items()]
-
-
-# ----------------------------------------------------------------------------- aggregation
-
-
-@dataclass
-class Row:
-    """One line of the summary: an estimator or a baseline over its seeds."""
-
-    label: str
-    kind: str
-    seeds: int
-    env_steps: int
-    adapt_mean: list[float]  # return after 0..n adaptation steps (nan: not evaluated)
-    adapt_se: list[float]
-    final_mean: float = math.nan
-    final_se: float = math.nan
-    sampling_s: float = math.nan
-    meta_step_s: float = math.nan
-    peak_mb: float = math.nan
-    cosine: float = math.nan
-    curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-
-
-def _seed_stats(values: Sequence[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan
-    mean, se = mean_and_stderr(x)
-    return float(mean), float(se)
-
-
-def _window_mean(series: dict[int, float], window: int) -> float:
-    steps = sorted(series)[-window:]
-    return float(np.mean([series[s] for s in steps])) if steps else math.nan
-
-
-def _mean_excluding_first(series: dict[int, float]) -> float:
-    """Mean over iterations, without the first one when there are more (warm-up)."""
-    steps = sorted(series)
-    steps = steps[1:] if len(steps) > 1 else steps
-    return float(np.mean([series[s] for s in steps])) if steps else math.nan
-
-
-def _adaptation(folders: list[Path], width: int) -> tuple[list[float], list[float]]:
-    """Mean and standard error over seeds of the per-seed mean return after n steps.
-
-    With one seed the standard error is over its test tasks (results.npz ``stderr``).
-    """
-    means, ses = [], []
-    for folder in folders:
-        with np.load(folder / "results.npz") as data:
-            means.append(np.asarray(data["mean"], dtype=np.float64))
-            ses.append(np.asarray(data["stderr"], dtype=np.float64))
-    out_mean, out_se = [math.nan] * width, [math.nan] * width
-    if not means:
-        return out_mean, out_se
-    stacked = np.stack(means)
-    mean, se = mean_and_stderr(stacked, axis=0)
-    if len(means) == 1:
-        se = ses[0]
-    for k in range(stacked.shape[1]):
-        out_mean[k], out_se[k] = float(mean[k]), float(se[k])
-    return out_mean, out_se
-
-
-def aggregate(plan: Plan, exclude: set[str] | frozenset[str] = frozenset()) -> list[Row]:
-    """Summary rows in the plan's order, from events and results.npz of the finished runs."""
-    width = plan.options.eval_num_steps + 1
-    rows: list[Row] = []
-    labels = [s.label for s in plan.estimators] + plan.baselines
-    for label in labels:
-        runs = [
-            r
-            for r in plan.runs
-            if r.label == label
-            and r.folder.name not in exclude
-            and (r.folder / "results.npz").is_file()
-        ]
-        if not runs:
-            continue
-        kind = runs[0].kind
-        adapt_mean, adapt_se = _adaptation([r.folder for r in runs], width)
-        row = Row(label, kind, len(runs), runs[0].env_steps, adapt_mean, adapt_se)
-        if kind == "estimator":
-            _fill_training_stats(row, runs)
-        rows.append(row)
-    return rows
-
-
-def _fill_training_stats(row: Row, runs: list[RunPlan]) -> None:
-    k = runs[0].cfg.num_steps
-    scalars = [read_scalars(r.folder) for r in runs]
-    finals = [_window_mean(s.get(f"returns/step_{k}", {}), FINAL_WINDOW) for s in scalars]
-    row.final_mean, row.final_se = _seed_stats(finals)
-    if len(runs) == 1:  # one seed: standard error over the last iterations
-        series = scalars[0].get(f"returns/step_{k}", {})
-        last = [series[s] for s in sorted(series)[-FINAL_WINDOW:]]
-        row.final_se = _seed_stats(last)[1]
-    row.sampling_s = float(
-        np.mean([_mean_excluding_first(s.get("time/sampling_s", {})) for s in scalars])
-    )
-    row.meta_step_s = float(
-        np.mean([_mean_excluding_first(s.get("time/meta_step_s", {})) for s in scalars])
-    )
-    row.peak_mb = float(
-        np.mean([max(s.get("memory/peak_mb", {0: math.nan}).values()) for s in scalars])
-    )
-    cosines = [v for s in scalars for v in s.get("metagrad/cosine_to_exact", {}).values()]
-    row.cosine = float(np.mean(cosines)) if cosines else math.nan
-    curves = [s.get(f"returns/step_{k}", {}) for s in scalars]
-    common = sorted(set.intersection(*(set(c) for c in curves)))
-    if common:
-        values = np.array([[c[i] for i in common] for c in curves])
-        mean, se = mean_and_stderr(values, axis=0)
-        row.curve = (np.asarray(common), mean, se)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def _fmt(mean: float, se: float) -> str:
-    if math.isnan(mean):
-        return ""
-    return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}"
-
-
-def _num(x: float, digits: int = 3) -> str:
-    return "" if math.isnan(x) else f"{x:.{digits}f}"
-
-
-def format_summary(plan: Plan, rows: list[Row]) -> str:
-    """The markdown table (one row per estimator and baseline) with its notes."""
-    n = plan.options.eval_num_steps
-    cfg = plan.runs[0].cfg if plan.runs else None
-    k = cfg.num_steps if cfg else 0
-    head = ["method", "seeds", "env steps"]
-    head += [f"{s} step{'s' if s != 1 else ''}" for s in range(n + 1)]
-    head += [
-        f"final train return (step {k})",
-        "sampling s/iter",
-        "meta-step s/iter",
-        "peak MB",
-        "cos to exact",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row.label, str(row.seeds), f"{row.env_steps:,}"]
-        cells += [_fmt(m, s) for m, s in zip(row.adapt_mean, row.adapt_se, strict=True)]
-        cells += [
-            _fmt(row.final_mean, row.final_se),
-            _num(row.sampling_s),
-            _num(row.meta_step_s),
-            _num(row.peak_mb, 0),
-            _num(row.cosine, 4),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    opts = plan.options
-    tasks = opts.eval_meta_batch_size * opts.eval_num_batches
-    notes = [
-        "",
-        f"Env: {cfg.env_name if cfg else '?'}, horizon {plan.horizon}. "
-        f"Return after n inner policy-gradient steps (fast-lr {cfg.fast_lr if cfg else '?'}, "
-        f"fast-batch-size {cfg.fast_batch_size if cfg else '?'} episodes per step) on {tasks} "
-        "test tasks per seed; mean ± standard error over seeds (with one seed: over test "
-        "tasks). Test tasks for seed S are the same for every row.",
-        f"Final train return: returns/step_{k} over the last {FINAL_WINDOW} meta-iterations "
-        "(± over seeds; one seed: over those iterations). Times: mean over iterations "
-        "(first one left out) of time/sampling_s and time/meta_step_s; peak MB: "
-        "max of memory/peak_mb (CPU: process peak RSS); cos to exact: mean of "
-        "metagrad/cosine_to_exact where diagnosed (--diagnose-every), else blank.",
-        "Env steps: training budget of one run, num-batches x meta-batch x fast-batch x "
-        "(num-steps + 1) x horizon (meta-learners), PPO timesteps (pretrained, oracle), "
-        "0 (random); test-time adaptation steps are not counted.",
-        "Baselines: pretrained = SB3 PPO on the task distribution, converted to our policy "
-        "and adapted with the same inner steps; oracle = PPO with the task parameters in "
-        "the observation, 0 adaptation steps; random = policy.init_params(seed), adapted.",
-    ]
-    return "\n".join(lines + notes) + "\n"
-
-
-def write_summary(plan: Plan, rows: list[Row]) -> None:
-    """summary.md, summary.csv, learning_curves.png, adaptation.png in the output folder."""
-    folder = plan.folder
-    (folder / "summary.md").write_text(format_summary(plan, rows))
-    n = plan.options.eval_num_steps
-    fields = ["method", "kind", "seeds", "env_steps"]
-    for s in range(n + 1):
-        fields += [f"return_step_{s}", f"return_step_{s}_se"]
-    fields += [
-        "final_return",
-        "final_return_se",
-        "sampling_s",
-        "meta_step_s",
-        "peak_mb",
-        "cosine_to_exact",
-    ]
-    with open(folder / "summary.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(fields)
-        for row in rows:
-            values: list[Any] = [row.label, row.kind, row.seeds, row.env_steps]
-            for m, s in zip(row.adapt_mean, row.adapt_se, strict=True):
-                values += [_num(m, 4), _num(s, 4)]
-            values += [
-                _num(row.final_mean, 4),
-                _num(row.final_se, 4),
-                _num(row.sampling_s, 4),
-                _num(row.meta_step_s, 4),
-                _num(row.peak_mb, 1),
-                _num(row.cosine, 6),
-            ]
-            writer.writerow(values)
-    _plot(plan, rows)
-
-
-def _plot(plan: Plan, rows: list[Row]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = plan.runs[0].cfg.num_steps if plan.runs else 0
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row.curve is None:
-            continue
-        x, mean, se = row.curve
-        (line,) = ax.plot(x, mean, label=row.label)
-        ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(f"returns/step_{k} (post-adaptation)")
-    ax.set_title("meta-training: mean ± s.e. over seeds")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(plan.folder / "learning_curves.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    steps = np.arange(plan.options.eval_num_steps + 1)
-    for row in rows:
-        mean, se = np.asarray(row.adapt_mean), np.asarray(row.adapt_se)
-        if row.label == "oracle":  # 0 adaptation steps: a reference level
-            line = ax.axhline(mean[0], linestyle="--", color="k", label="oracle")
-            ax.axhspan(mean[0] - se[0], mean[0] + se[0], color=line.get_color(), alpha=0.1)
-            continue
-        style = ":" if row.kind == "baseline" else "-"
-        ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, linestyle=style, label=row.label)
-    ax.set_xticks(steps)
-    ax.set_xlabel("adaptation steps at test time")
-    ax.set_ylabel("mean return")
-    ax.set_title("test-time adaptation: mean ± s.e.")
-    if rows:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(plan.folder / "adaptation.png", dpi=120)
-    plt.close(fig)

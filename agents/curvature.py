@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed, fvp_subsample
+from binom_rl.agents.training import open_sampler
 from binom_rl.config import Config
 from binom_rl.metagrad import Params, hessian_norms
 from binom_rl.rl import masked_mean_per_task
-from binom_rl.sampler import MultiTaskSampler
 
 
 @dataclass
@@ -71,7 +71,7 @@ def curvature_table(
     ``fvp-subsample``-th episode and every ``fvp-subsample``-th time step (n = 5 when the
     config has no subsample), each as is and with re-centred advantages."""
     n = cfg.fvp_subsample if cfg.fvp_subsample > 1 else 5
-    with MultiTaskSampler.from_config(cfg) as sampler:
+    with open_sampler(cfg) as sampler:
         learner = MetaLearner(cfg, sampler)
         tasks = sampler.sample_tasks(meta_batch_size or cfg.meta_batch_size, seed=seed)
         adaptation = learner.adapt(params, tasks, cfg.num_steps, seed=derive_seed(seed, 1))

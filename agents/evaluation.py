@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from binom_rl.agents.maml_trpo import MetaLearner, derive_seed, mean_and_stderr
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
+from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, open_sampler
 from binom_rl.checkpoint import load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml
-from binom_rl.sampler import MultiTaskSampler
+from binom_rl.rl import mean_and_stderr
 
 TEST_SEED_OFFSET = 1_000_003  # test task seeds never coincide with training ones
 
@@ -59,7 +59,7 @@ def evaluate_params(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     seed = cfg.seed + TEST_SEED_OFFSET if seed is None else seed
     rows = []
-    with MultiTaskSampler.from_config(cfg) as sampler:
+    with open_sampler(cfg) as sampler:
         learner = MetaLearner(cfg, sampler)
         for batch in tqdm(range(num_batches), desc="evaluate", disable=not progress):
             tasks = sampler.sample_tasks(meta_batch_size, seed=derive_seed(seed, batch, 0))

@@ -57,6 +57,7 @@ from binom_rl.rl import (
     masked_mean_per_task,
     unflatten_params,
 )
+from binom_rl.runtime import peak_memory_mb
 from binom_rl.sampler import Episodes, MultiTaskSampler
 
 
@@ -572,19 +573,3 @@ def _compare_to_exact(prefix: str, approx: Tensor, exact: Tensor) -> dict[str, f
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory of the meta-step on CUDA; the process' peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def mean_and_stderr(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error of the mean along ``axis``."""
-    n = x.shape[axis]
-    std = x.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(x.mean(axis=axis))
-    return x.mean(axis=axis), std / math.sqrt(n)

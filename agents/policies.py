@@ -10,16 +10,27 @@ Parameter names: ``log_std`` (Gaussian policy only), then ``layers.{i}.weight``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GaussianMLPPolicy", "CategoricalMLPPolicy", "make_policy", "batched_sample"]
+__all__ = [
+    "ACTIVATIONS",
+    "GaussianMLPPolicy",
+    "CategoricalMLPPolicy",
+    "make_policy",
+    "batched_sample",
+]
 
-_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+#: The ``nonlinearity`` names (the config's NONLINEARITIES): the function the policies apply,
+#: and the nn.Module of the same function (what SB3's MLPs are built from).
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
+    "tanh": (torch.tanh, nn.Tanh),
+    "relu": (torch.relu, nn.ReLU),
+}
 
 
 class _MLPPolicyBase(nn.Module):
@@ -27,9 +38,9 @@ class _MLPPolicyBase(nn.Module):
 
     def __init__(self, obs_dim: int, out_dim: int, hidden_sizes: Sequence[int], nonlinearity: str):
         super().__init__()
-        if nonlinearity not in _ACTIVATIONS:
+        if nonlinearity not in ACTIVATIONS:
             raise ValueError(
-                f"nonlinearity must be one of {sorted(_ACTIVATIONS)}, got {nonlinearity!r}"
+                f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}"
             )
         self.obs_dim = int(obs_dim)
         self.out_dim = int(out_dim)
@@ -39,7 +50,7 @@ class _MLPPolicyBase(nn.Module):
         self.layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
-        self._act = _ACTIVATIONS[nonlinearity]
+        self._act = ACTIVATIONS[nonlinearity][0]
 
     def _init_layers(self, generator: torch.Generator | None) -> dict[str, Tensor]:
         # Xavier-uniform weights, zero biases (MAML-RL convention); drawn from a

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,13 @@ from gymnasium.wrappers import RescaleAction
 from torch import Tensor, nn
 
 from binom_rl.agents.maml_trpo import derive_seed
-from binom_rl.agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy, make_policy
+from binom_rl.agents.policies import (
+    ACTIVATIONS,
+    CategoricalMLPPolicy,
+    GaussianMLPPolicy,
+    Policy,
+    make_policy,
+)
 from binom_rl.config import Config, ConfigError
 from binom_rl.envs.batch import check_task_protocol
 from binom_rl.sampler import MultiTaskSampler
@@ -56,7 +61,6 @@ __all__ = [
 ]
 
 BASELINES = ("pretrained", "oracle", "random")
-_SB3_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 def task_features(task: dict[str, Any]) -> np.ndarray:
@@ -82,8 +86,7 @@ class TaskDistributionWrapper(gym.Wrapper):
     Each reset calls ``env.unwrapped.reset_task(env.unwrapped.sample_tasks(1)[0])``.
 
     With ``append_task=True`` the task features (:func:`task_features`) are appended to
-    every observation (the oracle's input). :meth:`set_task` pins one task instead of
-    sampling (used to probe a fixed task).
+    every observation (the oracle's input).
     """
 
     def __init__(self, env: gym.Env, append_task: bool = False):
@@ -91,7 +94,6 @@ class TaskDistributionWrapper(gym.Wrapper):
         check_task_protocol(env)
         base = env.unwrapped
         self.append_task = append_task
-        self._fixed: dict[str, Any] | None = None
         self.task: dict[str, Any] = base.sample_tasks(1)[0]
         base.reset_task(self.task)
         if append_task:
@@ -105,10 +107,6 @@ class TaskDistributionWrapper(gym.Wrapper):
                 dtype=np.float32,
             )
 
-    def set_task(self, task: dict[str, Any] | None) -> None:
-        """Pin ``task`` for every later reset (``None``: sample again)."""
-        self._fixed = task
-
     def _obs(self, obs: np.ndarray) -> np.ndarray:
         if not self.append_task:
             return obs
@@ -119,7 +117,7 @@ class TaskDistributionWrapper(gym.Wrapper):
         if seed is not None:  # seeds np_random, which sample_tasks draws from
             self.env.reset(seed=seed)
         base = self.env.unwrapped
-        self.task = self._fixed if self._fixed is not None else base.sample_tasks(1)[0]
+        self.task = base.sample_tasks(1)[0]
         base.reset_task(self.task)
         obs, info = self.env.reset(options=options)
         return self._obs(obs), info
@@ -147,7 +145,7 @@ def sb3_policy_kwargs(cfg: Config) -> dict[str, Any]:
     hidden = list(cfg.hidden_sizes)
     return dict(
         net_arch=dict(pi=hidden, vf=hidden),
-        activation_fn=_SB3_ACTIVATIONS[cfg.nonlinearity],
+        activation_fn=ACTIVATIONS[cfg.nonlinearity][1],
         log_std_init=math.log(cfg.init_std),
     )
 
@@ -212,7 +210,7 @@ def sb3_to_params(model: Any, policy: Policy) -> dict[str, Tensor]:
         for m in sb3.mlp_extractor.policy_net.modules()
         if not isinstance(m, nn.Linear) and not isinstance(m, nn.Sequential)
     ]
-    expected = {"tanh": nn.Tanh, "relu": nn.ReLU}[policy.nonlinearity]
+    expected = ACTIVATIONS[policy.nonlinearity][1]
     if any(not isinstance(a, expected) for a in acts):
         raise ValueError(f"SB3 actor activations {acts} do not match {policy.nonlinearity}")
     if len(layers) != len(policy.layers):
@@ -290,14 +288,6 @@ def evaluate_oracle(
 def random_params(cfg: Config, seed: int) -> dict[str, Tensor]:
     """A randomly initialised policy of ours (``policy.init_params(seed)``)."""
     return policy_for(cfg).init_params(seed)
-
-
-def action_distribution(policy: Policy, params: dict[str, Tensor], obs: Tensor) -> Sequence[Tensor]:
-    """(mean, std) of a Gaussian policy or (logits,) of a categorical one: for tests/checks."""
-    if isinstance(policy, GaussianMLPPolicy):
-        mean, std = policy.mean_and_std(params, obs)
-        return mean, std.expand_as(mean)
-    return (policy.logits(params, obs),)
 
 
 def save_params(params: dict[str, Tensor], path: str | os.PathLike) -> None:

@@ -4,12 +4,14 @@ Folder layout written by :func:`train`::
 
     <output-folder>/config.yaml     resolved configuration
     <output-folder>/policy.pt       last good checkpoint (atomic write, every iteration)
-    <output-folder>/events.out.*    TensorBoard scalars (tags in DESIGN.md)
+    <output-folder>/events.out.*    TensorBoard scalars: the MetaLearner.meta_iteration
+                                    metrics (returns/step_k, metagrad/*, train/*, time/*,
+                                    memory/peak_mb), one point per iteration
+    <output-folder>/error.log       traceback of the last failure, if the run failed
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +29,39 @@ from binom_rl.sampler import MultiTaskSampler
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "policy.pt"
+ERROR_FILE = "error.log"
 # What a run and its evaluation / plot write into the run folder: --overwrite removes
 # exactly these (and TensorBoard event files), so the new run's curves and results are
 # not mixed with the old run's; any other file in the folder is left alone.
-RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, "results.npz", "results.csv", "training_curves.png")
+RUN_FILES = (
+    CONFIG_FILE,
+    CHECKPOINT_FILE,
+    ERROR_FILE,
+    "results.npz",
+    "results.csv",
+    "training_curves.png",
+)
 EVENT_FILES = "events.out.tfevents.*"
+
+
+class RunComplete(Exception):
+    """``--resume`` of a run that has already done its num-batches iterations."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"run already at iteration {done} of {total}: nothing to do")
+        self.done, self.total = done, total
+
+
+def open_sampler(cfg: Config, device: str | torch.device | None = None) -> MultiTaskSampler:
+    """The config's :class:`MultiTaskSampler` (see ``MultiTaskSampler.from_config``). The
+    sampler checks the env id, its kwargs, spaces and task protocol before any worker
+    starts; what it rejects there (ValueError) is the config's, hence a ConfigError."""
+    try:
+        return MultiTaskSampler.from_config(cfg, device)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def prepare_run(
@@ -64,21 +94,16 @@ def prepare_run(
 
 
 # Keys a resumed run may change; any other change would silently alter the run.
-RESUMABLE_KEYS = ("num_batches", "device", "num_workers", "diagnose_every", "chunk_size")
+RESUMABLE_KEYS = ("num-batches", "device", "num-workers", "diagnose-every", "chunk-size")
 
 
 def _check_resumable(saved: Config, cfg: Config) -> None:
     """ConfigError unless ``cfg`` equals the checkpoint's config up to RESUMABLE_KEYS."""
-    changed = [
-        f"{f.name.replace('_', '-')} (saved {getattr(saved, f.name)!r}, "
-        f"given {getattr(cfg, f.name)!r})"
-        for f in dataclasses.fields(Config)
-        if f.name not in RESUMABLE_KEYS and getattr(saved, f.name) != getattr(cfg, f.name)
-    ]
+    changed = cfg.diff(saved, ignore=RESUMABLE_KEYS)
     if changed:
-        keys = ", ".join(k.replace("_", "-") for k in RESUMABLE_KEYS)
         raise ConfigError(
-            f"--resume: {'; '.join(changed)} differ from the saved run; only {keys} may change"
+            f"--resume: {'; '.join(changed)} differ from the saved run; only "
+            f"{', '.join(RESUMABLE_KEYS)} may change"
         )
 
 
@@ -104,14 +129,18 @@ def train(
     """Meta-train ``cfg`` into ``output_folder``; returns the last iteration's metrics.
 
     ``stop_after`` ends the run after that many iterations of this call (tests use it to
-    simulate a crash); the checkpoint then resumes exactly where it stopped.
+    simulate a crash); the checkpoint then resumes exactly where it stopped. Raises
+    ConfigError for bad input and RunComplete for a resumed run with nothing left to do,
+    both before anything is written.
     """
     cfg, state = prepare_run(cfg, output_folder, resume=resume, overwrite=overwrite)
+    if state is not None and int(state["iteration"]) >= cfg.num_batches:
+        raise RunComplete(int(state["iteration"]), cfg.num_batches)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
     # The sampler validates the env id and its task protocol before anything is written.
-    sampler = MultiTaskSampler.from_config(cfg, device)
+    sampler = open_sampler(cfg, device)
     try:
         learner = MetaLearner(cfg, sampler)
         if state is None:

@@ -2,7 +2,7 @@
 
 YAML files and flags use the MAML-RL spelling (``fast-lr``, ``meta-batch-size``, ...);
 Python code uses the same names with underscores. Every key is a flag of
-``scripts/train.py`` (``--fast-lr 0.05``), and the flags override the YAML file.
+``binom-rl-train`` (``--fast-lr 0.05``), and the flags override the YAML file.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -18,7 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from binom_rl.checkpoint import atomic_write
-from binom_rl.metagrad import HVP_MODES, METHODS
+from binom_rl.metagrad import HVP_MODES, METHODS, effective_order
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 
 
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
+NONLINEARITIES = ("tanh", "relu")  # the MLP policies' hidden-layer activations
 
 # Keys added after runs were first saved, with the behaviour those runs had (whatever the
 # default is today).
@@ -185,20 +187,31 @@ class Config:
             raise ConfigError(
                 f"hidden-sizes must be a list of positive ints, got {self.hidden_sizes}"
             )
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ConfigError(
+                f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, "
+                f"got {self.nonlinearity!r}"
+            )
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
-        if method in ("trunc", "binom"):
-            if order < 0:
-                raise ConfigError(f"{order_key} must be >= 0, got {order}")
-            if order > self.num_steps:
-                raise ConfigError(
-                    f"{order_key} {order} > num-steps {self.num_steps}: {method} ({what}) keeps "
-                    f"at most num-steps Hessian factors (order = num-steps is already exact MAML)"
-                )
+        try:
+            effective_order(method, order, self.num_steps)
+        except ValueError as err:
+            raise ConfigError(
+                f"{order_key} for {what} {method} (num-steps {self.num_steps}): {err}"
+            ) from err
+
+    def diff(self, saved: Config, ignore: Sequence[str] = ()) -> list[str]:
+        """``"key (saved x, given y)"`` for every key whose value in ``saved`` (a run's saved
+        config) differs from this one's, MAML-RL spelling; keys in ``ignore`` are left out."""
+        skip = {_key(k) for k in ignore}
+        return [
+            f"{_key(f.name)} (saved {getattr(saved, f.name)!r}, given {getattr(self, f.name)!r})"
+            for f in dataclasses.fields(self)
+            if _key(f.name) not in skip and getattr(saved, f.name) != getattr(self, f.name)
+        ]
 
     def fvp_method(self) -> tuple[str, int]:
         """(estimator, order) of the J products inside Fisher-vector products."""
@@ -206,8 +219,8 @@ class Config:
         return method, self.fvp_order if self.fvp_order is not None else self.order
 
     def advice(self) -> list[str]:
-        """Settings that are valid but measured to train badly, one line each (the scripts
-        print them as notes; nothing is changed)."""
+        """Settings that are valid but measured to train badly, one line each (binom-rl-train
+        prints them as notes; nothing is changed)."""
         notes = []
         method, order = self.fvp_method()
         if (
@@ -220,10 +233,10 @@ class Config:
                 f"BinomMAML's own Fisher products (order {order} < num-steps "
                 f"{self.num_steps}) expand J from the inner-loss Hessians of 1 in "
                 f"{self.fvp_subsample} whole episodes, whose fast-lr x norm grows past 1 as "
-                "the policy sharpens (scripts/inspect_curvature.py), out of the expansion's "
+                "the policy sharpens (binom-rl-inspect-curvature), out of the expansion's "
                 "reach; on 2D navigation at K = 3 this trained clearly worse than exact MAML. "
-                "Consider --fvp-estimator maml or --fvp-subsample-by steps (README, K = 3 "
-                "results)"
+                "Consider --fvp-estimator maml or --fvp-subsample-by steps "
+                "(docs/results/2dnav_k3_fvp_subsample.md)"
             )
         return notes
 

@@ -52,8 +52,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 Params = dict[str, Tensor]
@@ -69,9 +69,8 @@ class TaskBatchedLoss:
     Task t's parameters enter only loss t, so d/d phi_t sum_s L_s(phi_s) = grad L_t(phi_t):
     every per-task gradient (and, from its graph, every per-task HVP) comes from one
     gradient of the sum, with no vmap. On CPU this is faster than vmap(grad(per-task
-    loss)), whose batching rules give the second backward pass slower layouts: about 15%
-    of a 2D-navigation meta-iteration (``scripts/profile_iteration.py``, old and new code
-    run alternately; see docs/benchmarks.md).
+    loss)), whose batching rules give the second backward pass slower layouts
+    (docs/benchmarks.md has the profile).
 
     Calling the object evaluates one task (params and data without the task dim), so it is
     also a per-task :data:`LossFn` wherever one is expected (vmap included).
@@ -96,16 +95,6 @@ HVP_MODES = ("auto", "fwdrev", "revrev")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def functional_model(module: nn.Module) -> tuple[Params, Callable[..., Tensor]]:
-    """(detached parameter dict, pure ``forward(params, *inputs)``) for any nn.Module."""
-    params = {name: p.detach().clone() for name, p in module.named_parameters()}
-
-    def forward(params: Mapping[str, Tensor], *inputs: Any, **kwargs: Any) -> Tensor:
-        return functional_call(module, dict(params), inputs, kwargs)
-
-    return params, forward
 
 
 def _stack(trees: Sequence[Any], dim: int) -> Any:
@@ -161,7 +150,8 @@ def mlp_hvp_bytes(
 
 
 def device_memory_bytes(device: str | torch.device) -> int:
-    """Total memory of ``device``: the GPU's on CUDA, physical RAM otherwise."""
+    """Total memory of ``device``: the GPU's on CUDA, physical RAM otherwise (8 GiB where the
+    OS does not say)."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -200,8 +190,10 @@ def default_chunk_size(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_method(method: str, order: int | None, num_steps: int) -> int:
-    """Validate (method, order) against K steps; return the effective order."""
+def effective_order(method: str, order: int | None, num_steps: int) -> int:
+    """The number of Hessian factors ``method`` keeps of the K = ``num_steps`` in J:
+    K for ``maml``, 0 for ``fomaml``, ``order`` for ``trunc`` and ``binom``. The estimator
+    is exact where this is K. ValueError for an unknown method or an order outside 0..K."""
     if method not in METHODS:
         raise ValueError(f"unknown meta-gradient method {method!r}; expected one of {METHODS}")
     if num_steps < 1:
@@ -218,8 +210,8 @@ def _check_method(method: str, order: int | None, num_steps: int) -> int:
         raise ValueError(f"order must be >= 0, got {order}")
     if order > num_steps:
         raise ValueError(
-            f"order={order} > K={num_steps} inner steps: {method} keeps at most K Hessian "
-            f"factors, and {method} with order >= K is already exact MAML; use order <= {num_steps}"
+            f"order {order} > {num_steps} inner steps: {method} keeps at most one Hessian "
+            f"factor per inner step, and order {num_steps} is already exact MAML"
         )
     return order
 
@@ -293,13 +285,27 @@ def batched_hvp(
     try:
         return fwdrev()
     except (NotImplementedError, RuntimeError) as err:
-        # Some ops have no forward-mode AD formula; reverse-over-reverse always works.
+        if not lacks_forward_ad(err):
+            raise  # out of memory, a shape bug, ...: not for reverse-over-reverse to hide
         warnings.warn(
             f"forward-over-reverse HVP failed ({err}); using reverse-over-reverse",
             RuntimeWarning,
             stacklevel=3,
         )
     return revrev()
+
+
+# What torch says when an op, or a custom autograd.Function without a jvp, has no
+# forward-mode formula (NotImplementedError; RuntimeError in older torch versions).
+_NO_FORWARD_AD = ("Trying to use forward AD with", "to use it with forward mode AD")
+
+
+def lacks_forward_ad(err: BaseException) -> bool:
+    """Whether ``err`` says forward-mode AD has no formula for an op of the loss: the one
+    failure of a forward-over-reverse HVP that reverse-over-reverse can avoid."""
+    return isinstance(err, (NotImplementedError, RuntimeError)) and any(
+        text in str(err) for text in _NO_FORWARD_AD
+    )
 
 
 # --------------------------------------------------------------------------- inner loop
@@ -461,9 +467,8 @@ class _PathHessians:
     ``cache=True``: the graph of grad L_k at phi_k is built on first use and kept, and every
     later product only runs the second backward pass (reverse-over-reverse: the pullback of
     grad L is H^T v = H v, H being symmetric). A conjugate-gradient solve applies the same
-    Hessians 20+ times; rebuilding the forward and first backward pass for each product is
-    most of its cost (see the profile in the README: the CG solve's share of a 2D-navigation
-    meta-iteration fell from 1.55 s to 0.63 s).
+    Hessians 20+ times; rebuilding the forward and first backward pass for each product
+    would be most of its cost (docs/benchmarks.md has the profile).
     ``given``: the K products already built (kept from the inner steps), used as they are.
     """
 
@@ -628,7 +633,7 @@ def prepare_meta_products(
     of building graphs; one call per step, so a binomial level loses its batching over steps.
     """
     num_steps = len(inner_data)
-    order = _check_method(method, order, num_steps)
+    order = effective_order(method, order, num_steps)
     _check_hvp_mode(hvp_mode)
     if len(path) != num_steps + 1:
         raise ValueError(
@@ -798,7 +803,7 @@ def batched_meta_gradient(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
-    _check_method(method, order, len(inner_data))
+    effective_order(method, order, len(inner_data))
     num_tasks = tree_leaves_first(outer_data).shape[0]
     path = batched_adapt(inner_loss, params, inner_data, step_size=step_size, num_tasks=num_tasks)
     g = task_gradients(outer_loss, path[-1], outer_data)

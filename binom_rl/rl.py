@@ -3,7 +3,8 @@
 Data layout: time-major tensors ``[H, *batch]`` with a float ``mask`` of the same
 leading shape (1 inside the episode, 0 after it ended). Everything here is a pure
 tensor function, safe under ``torch.func`` transforms unless stated otherwise
-(``line_search`` is host-side control flow by nature).
+(``line_search`` is host-side control flow by nature; ``mean_and_stderr`` summarises
+numpy results).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "masked_mean",
     "masked_mean_per_task",
     "discounted_returns",
     "gae",
@@ -25,11 +26,8 @@ __all__ = [
     "unflatten_params",
     "CGResult",
     "cg_solve",
-    "conjugate_gradient",
     "line_search",
-    "tree_add",
-    "tree_scale",
-    "tree_dot",
+    "mean_and_stderr",
 ]
 
 
@@ -38,16 +36,11 @@ def _expand_mask(mask: Tensor, x: Tensor) -> Tensor:
     return mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """sum(x * m) / max(sum(m), 1) over all dims (mask broadcast over trailing dims of x)."""
-    m = _expand_mask(mask, x).to(x.dtype)
-    # Count the mask over x's full shape so trailing dims are averaged too.
-    denom = torch.broadcast_to(m, x.shape).sum().clamp(min=1.0)
-    return (x * m).sum() / denom
-
-
 def masked_mean_per_task(x: Tensor, mask: Tensor) -> Tensor:
-    """:func:`masked_mean` of each x[t] with mask[t] along the leading (task) dim: [T]."""
+    """sum(x[t] * m[t]) / max(sum(m[t]), 1) for each t along the leading (task) dim: [T].
+
+    The mask is broadcast over the trailing dims of x, and those dims are averaged too.
+    """
     m = _expand_mask(mask, x).to(x.dtype)
     denom = torch.broadcast_to(m, x.shape).flatten(1).sum(1).clamp(min=1.0)
     return (x * m).flatten(1).sum(1) / denom
@@ -165,13 +158,6 @@ def cg_solve(
     return CGResult(x, ax)
 
 
-def conjugate_gradient(
-    mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, residual_tol: float = 1e-10
-) -> Tensor:
-    """The solution x of A x = b from :func:`cg_solve`."""
-    return cg_solve(mvp, b, iters, residual_tol).x
-
-
 def line_search(
     evaluate: Callable[[float], tuple[float, float]],
     *,
@@ -195,16 +181,8 @@ def line_search(
     return 0.0, max_steps
 
 
-def tree_add(a: dict[str, Tensor], b: dict[str, Tensor], alpha: float | Tensor = 1.0) -> dict:
-    """a + alpha * b, key-wise (keys and order of ``a``)."""
-    return {k: a[k] + alpha * b[k] for k in a}
-
-
-def tree_scale(a: dict[str, Tensor], s: float | Tensor) -> dict[str, Tensor]:
-    """s * a, key-wise."""
-    return {k: s * v for k, v in a.items()}
-
-
-def tree_dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-    """sum_k <a_k, b_k> (over all elements; a scalar tensor)."""
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
+def mean_and_stderr(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the mean along ``axis``: std(ddof=1) / sqrt(n), 0 for n = 1."""
+    n = x.shape[axis]
+    std = x.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(x.mean(axis=axis))
+    return x.mean(axis=axis), std / math.sqrt(n)

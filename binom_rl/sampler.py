@@ -161,8 +161,18 @@ class _ProcessWorker:
         child_conn.close()
 
     def _died(self) -> RuntimeError:
+        # A broken pipe can come before the process' exit code does (through the fork
+        # server): wait for it briefly, so the message can say how the worker ended.
+        self.process.join(timeout=1.0)
+        code = self.process.exitcode
+        if code is not None and code < 0:  # a signal: killed from outside, or out of memory
+            try:
+                how = signal.Signals(-code).name
+            except ValueError:
+                how = f"signal {-code}"
+            return RuntimeError(f"sampler worker {self.index} died (exit code {code}): {how}")
         return RuntimeError(
-            f"sampler worker {self.index} died (exit code {self.process.exitcode}); if the env "
+            f"sampler worker {self.index} died (exit code {code}); if the env "
             "is defined in a module workers cannot import, use num_workers=1 or a "
             "'module:EnvId' id"
         )
@@ -434,8 +444,7 @@ def _mp_context():
     """forkserver where available (never forks the threaded parent), else spawn.
 
     The fork server imports torch and the envs once (preload); each worker is then a cheap
-    fork of it. Spawn re-imports torch in every worker: 7-16 s for two workers on a
-    loaded 2-core machine, against 0.1 s per later forkserver start (measured 2026-11-26).
+    fork of it, where spawn would re-import torch in every worker.
     """
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")

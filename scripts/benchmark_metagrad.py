@@ -11,7 +11,7 @@ memory flatness in K, and optionally time / memory vs vmap chunk_size. Writes
         --chunk-sizes none 1 2 4 8 16 --num-tasks 40 --ks 10 --samples-per-task 800 \\
         --hidden 100 100
 
-The library part is ``binom_rl.benchmarks.metagrad_bench``; ``--worker`` (internal) runs one
+The harness is ``benchmarks.metagrad_bench``; ``--worker`` (internal) runs one
 measurement in a fresh process.
 """
 
@@ -20,8 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
-from binom_rl.benchmarks.metagrad_bench import (
+# The benchmark harness is the checkout's top-level package benchmarks/, not installed with
+# binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
+# installed binom_rl stays the one imported; an editable install maps to this checkout.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import given_flags, parse_chunk_size  # noqa: E402
+from benchmarks.metagrad_bench import (  # noqa: E402
     DEFAULT_STEP_SIZE,
     BenchmarkOptions,
     quick_options,
@@ -30,10 +37,6 @@ from binom_rl.benchmarks.metagrad_bench import (
 )
 
 TABLES = ("errors", "cost", "flatness", "chunks")
-
-
-def _chunk(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flat-samples", type=int, help="samples per step for Table 3")
     p.add_argument("--flat-ks", type=int, nargs=2, help="the two K of Table 3")
     p.add_argument(
-        "--chunk-sizes", type=_chunk, nargs="+", help="chunk sizes for Table 4 ('none' = all)"
+        "--chunk-sizes",
+        type=parse_chunk_size,
+        nargs="+",
+        help="chunk sizes for Table 4 ('none' = all)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU measurement")
     p.add_argument(
@@ -99,9 +105,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         "flat_ks": args.flat_ks,
         "chunk_sizes": args.chunk_sizes,
     }
-    for key, value in optional.items():
-        if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+    overrides.update(given_flags(optional))
     if args.in_process:
         overrides["isolate"] = False
     if args.quick:

@@ -7,19 +7,23 @@ reference, at K = 1, 3, 5, 10, plus a chunk_size table; no environment needed.
     python scripts/benchmark_metastep.py --device cuda            # full size, GPU
     python scripts/benchmark_metastep.py --quick --output /tmp/metastep.md
 
-The library part is ``binom_rl.benchmarks.metastep_bench``.
+The harness is ``benchmarks.metastep_bench``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
-from binom_rl.benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark
+# The benchmark harness is the checkout's top-level package benchmarks/, not installed with
+# binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
+# installed binom_rl stays the one imported; an editable install maps to this checkout.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-
-def _chunk(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+from benchmarks.common import given_flags, parse_chunk_size  # noqa: E402
+from benchmarks.metastep_bench import MetastepOptions, quick_options, run_benchmark  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (default 64 64)")
     p.add_argument("--ks", type=int, nargs="+", help="inner steps K (default 1 3 5 10)")
     p.add_argument("--orders", type=int, nargs="+", help="BinomMAML L (default 1 2 3)")
-    p.add_argument("--chunk-sizes", type=_chunk, nargs="+", help="chunk_size table ('none')")
+    p.add_argument(
+        "--chunk-sizes", type=parse_chunk_size, nargs="+", help="chunk_size table ('none')"
+    )
     p.add_argument("--chunk-k", type=int, help="K of the chunk_size table (default 10)")
     p.add_argument("--repeats", type=int, help="timed calls per configuration (median)")
     p.add_argument("--time-budget", type=float, help="seconds; later measurements are skipped")
@@ -57,9 +63,7 @@ def options_from_args(args: argparse.Namespace) -> MetastepOptions:
         "repeats": args.repeats,
         "time_budget_s": args.time_budget,
     }
-    for key, value in optional.items():
-        if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+    overrides.update(given_flags(optional))
     if args.no_trpo:
         overrides["trpo"] = False
     if args.no_reference:

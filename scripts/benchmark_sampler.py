@@ -10,8 +10,15 @@ Prints one line per measurement, writes a markdown table to --output, and ends w
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from binom_rl.benchmarks.sampler_bench import (
+# The benchmark harness is the checkout's top-level package benchmarks/, not installed with
+# binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
+# installed binom_rl stays the one imported; an editable install maps to this checkout.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.sampler_bench import (  # noqa: E402
     available_cores,
     run_benchmark,
     summary_line,

@@ -1,52 +1,11 @@
-"""Meta-test a trained run: ``python scripts/evaluate.py --run runs/x [--num-steps 3]
-[--meta-batch-size 40] [--num-batches 10]``.
+"""Meta-test a trained run (``python scripts/evaluate.py --help``).
 
-Prints the return after 0..n inner steps (mean and standard error over test tasks) and
-writes results.npz and results.csv into the run folder (or --output-folder).
+The same command as the installed ``binom-rl-evaluate``; its code is binom_rl.agents.cli.evaluate.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from binom_rl.agents.evaluation import evaluate_params, format_table, load_run, write_results
-from binom_rl.config import ConfigError
-from binom_rl.runtime import reuse_freed_memory
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="training run folder (config.yaml, policy.pt)")
-    parser.add_argument("--num-steps", type=int, default=3, help="inner steps at test time")
-    parser.add_argument("--meta-batch-size", type=int, default=40, help="test tasks per batch")
-    parser.add_argument("--num-batches", type=int, default=10, help="batches of test tasks")
-    parser.add_argument(
-        "--seed", type=int, default=None, help="test seed (default: run seed + offset)"
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--output-folder", default=None, help="where results go (default: --run)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        cfg, params = load_run(args.run, args.device)
-        reuse_freed_memory()
-        returns = evaluate_params(
-            cfg,
-            params,
-            num_steps=args.num_steps,
-            meta_batch_size=args.meta_batch_size,
-            num_batches=args.num_batches,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    summary = write_results(args.output_folder or args.run, returns)
-    print(format_table(summary, returns.shape[0]))
-    return 0
-
+from binom_rl.agents.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

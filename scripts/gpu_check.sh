@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check of the CUDA path (issue 6), for a bare GPU machine with python3 +
+# One short GPU check of the CUDA path, for a bare GPU machine with python3 +
 # torch (CUDA) but no gymnasium / MuJoCo / SB3: those come as wheels in .whl/ (made by
 # scripts/fetch_gpu_wheels.sh) and are installed offline into /tmp/site.
 #
@@ -15,7 +15,8 @@
 #      time/sampling_s, time/meta_step_s and memory/peak_mb scalars from TensorBoard
 #   6. scripts/train.py on 2D navigation with --num-steps 3, 4 meta-iterations each for
 #      maml, binom L = 1, binom L = 2 and binom L = 1 with exact Fisher products
-#      (--fvp-estimator maml): the same scalars (issue 4's K = 3 comparison)
+#      (--fvp-estimator maml): the same scalars (the K = 3 comparison of
+#      docs/results/2dnav_k3_summary.md)
 # Files in $OUT: gpu_check.log (everything), summary.md, benchmark_metastep.md,
 # benchmark_metagrad.md.
 # Without CUDA the GPU steps are skipped; GPU_CHECK_DEVICE=cpu runs them on the CPU at
@@ -71,7 +72,7 @@ fi
 # The package without installing it: envs/ and agents/ linked into binom_rl/ inside the
 # checkout (what setup.cfg's package_dir does). A separate folder of links on PYTHONPATH is
 # not enough: the checkout's own binom_rl/ shadows it in pytest and in sampler worker
-# processes (seen on the H200 machine, 2026-11-26).
+# processes.
 if ! "$PY" -c "import binom_rl.agents, binom_rl.envs" >/dev/null 2>&1; then
     ln -sfn ../envs "$REPO/binom_rl/envs"
     ln -sfn ../agents "$REPO/binom_rl/agents"
@@ -143,8 +144,7 @@ else
     TRAIN_CFG=(--env-name binom_rl/HalfCheetahDir-v0 --max-episode-steps 200)
 fi
 # Twice: worker processes (--num-workers 16), then one in-process batch env whose
-# mujoco.rollout thread pool uses every core (--num-workers 1): which is faster end to end
-# on this host has not been measured yet.
+# mujoco.rollout thread pool uses every core (--num-workers 1), to compare the two.
 for WORKERS in "${E2E_WORKERS[@]}"; do
 rm -rf "$RUN"
 step "train HalfCheetahDir ($DEVICE, $TRAIN_BATCHES it, $WORKERS workers)" 110 "$PY" scripts/train.py \
@@ -190,7 +190,7 @@ step "benchmark_metagrad ($DEVICE)" 60 "${PIN[@]}" "$PY" scripts/benchmark_metag
 cp /tmp/metagrad_bench/benchmark_metagrad.md "$OUT/benchmark_metagrad.md" 2>/dev/null || true
 
 # ---------------------------------------------------------------- 6. K = 3 meta-step
-# The issue-4 comparison at K = 3 on 2D navigation (default config, --num-steps 3): the
+# The K = 3 comparison on 2D navigation (default config, --num-steps 3): the
 # meta-step's time and peak memory per estimator, 4 iterations each (the first includes
 # CUDA warm-up).
 for EST in "maml" "binom --order 1" "binom --order 2" "binom --order 1 --fvp-estimator maml"; do

@@ -1,53 +1,11 @@
-"""Plot training curves from TensorBoard events.
+"""Plot training curves from TensorBoard events (``python scripts/plot_run.py --help``).
 
-One run, every returns/step_k curve: ``python scripts/plot_run.py --run runs/x
-[--output runs/x/training_curves.png]``. Several runs, one scalar each: ``python
-scripts/plot_run.py --run runs/a runs/b [--tag returns/step_1] [--smooth 10]
-[--labels a,b] --output curves.png``.
+The same command as the installed ``binom-rl-plot``; its code is binom_rl.agents.cli.plot_run.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-from binom_rl.agents.training import plot_runs, plot_training_curves
-from binom_rl.config import ConfigError
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, nargs="+", help="training run folder(s)")
-    parser.add_argument(
-        "--output", default=None,
-        help="PNG path (default for one run: <run>/training_curves.png; needed for several)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tag", default=None,
-        help="scalar to overlay across runs (default with several runs: returns/step_1)",
-    )  # fmt: skip
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window")
-    parser.add_argument("--labels", default=None, help="comma-separated curve labels")
-    args = parser.parse_args(argv)
-    try:
-        labels = args.labels.split(",") if args.labels else None
-        if len(args.run) == 1 and args.tag is None and args.smooth == 1 and labels is None:
-            output = args.output or Path(args.run[0]) / "training_curves.png"
-            out = plot_training_curves(args.run[0], output)
-        else:
-            if args.output is None:
-                raise ConfigError(
-                    "--output is needed with several runs, --tag, --smooth or --labels"
-                )
-            tag = args.tag or "returns/step_1"
-            out = plot_runs(args.run, args.output, tag=tag, smooth=args.smooth, labels=labels)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
+from binom_rl.agents.cli.plot_run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,30 +22,35 @@ _spec = importlib.util.spec_from_file_location("compare_script", SCRIPT)
 compare_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare_script)
 
-TINY = [
-    "--env-name", "binom_rl/2DNavigation-v0", "--num-batches", "2", "--num-steps", "1",
-    "--max-episode-steps", "10", "--meta-batch-size", "3", "--fast-batch-size", "4",
-    "--hidden-sizes", "[8]", "--eval-num-steps", "2", "--eval-meta-batch-size", "3",
-    "--eval-num-batches", "1", "--baseline-timesteps", "200", "--no-progress",
-]  # fmt: skip
+EVAL = ["--eval-num-steps", "2", "--eval-meta-batch-size", "3", "--eval-num-batches", "1",
+        "--baseline-timesteps", "200", "--no-progress"]  # fmt: skip
 RUN = ["--estimators", "fomaml,binom:1", "--seeds", "0", "--baselines", "random,pretrained",
        "--jobs", "2"]  # fmt: skip
 
 
-def _options(folder: Path, **overrides) -> CompareOptions:
-    base = {"env-name": "binom_rl/2DNavigation-v0", "num-batches": 2, "max-episode-steps": 10,
-            "meta-batch-size": 3, "fast-batch-size": 4, "hidden-sizes": [8]}
-    base.update(overrides)
-    return CompareOptions(None, base, "fomaml,binom:1", "0", folder,
-                          baselines="random,pretrained", eval_num_steps=2,
-                          eval_meta_batch_size=3, eval_num_batches=1, baseline_timesteps=200,
-                          progress=False)  # fmt: skip
+@pytest.fixture(scope="session")
+def tiny_argv(tiny_flags):
+    """The tiny run's config flags (K = 1, 2 iterations) and tiny evaluation sizes."""
+    return [*tiny_flags(num_steps=1), *EVAL]
+
+
+@pytest.fixture(scope="session")
+def _options(tiny_config):
+    """``_options(folder, **overrides)``: the comparison of ``comparison`` as CompareOptions."""
+
+    def make(folder: Path, **overrides) -> CompareOptions:
+        return CompareOptions(None, tiny_config(**overrides), "fomaml,binom:1", "0", folder,
+                              baselines="random,pretrained", eval_num_steps=2,
+                              eval_meta_batch_size=3, eval_num_batches=1,
+                              baseline_timesteps=200, progress=False)  # fmt: skip
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory):
+def comparison(tmp_path_factory, tiny_argv):
     folder = tmp_path_factory.mktemp("cmp")
-    rc = compare_script.main([*RUN, *TINY, "--output-folder", str(folder)])
+    rc = compare_script.main([*RUN, *tiny_argv, "--output-folder", str(folder)])
     assert rc == 0
     return folder
 
@@ -70,14 +75,15 @@ def test_tiny_comparison_writes_summary_with_rows(comparison):
     md = (comparison / "summary.md").read_text()
     assert md.count("\n| ") == 4 and "| binom:1 | 1 | 480 |" in md
     log = (comparison / "binom1_seed0" / "train.log").read_text()
-    assert "--torch-threads 1" in log and "--no-progress" in log and "evaluate.py" in log
+    assert "-m binom_rl.agents.cli.train" in log and "-m binom_rl.agents.cli.evaluate" in log
+    assert "--torch-threads 1" in log and "--no-progress" in log
 
 
-def test_rerun_reuses_finished_runs(comparison, capsys):
+def test_rerun_reuses_finished_runs(comparison, capsys, tiny_argv):
     files = sorted(comparison.glob("*_seed0/*"))
     before = {f: f.stat().st_mtime_ns for f in files}
     capsys.readouterr()
-    rc = compare_script.main([*RUN, *TINY, "--output-folder", str(comparison)])
+    rc = compare_script.main([*RUN, *tiny_argv, "--output-folder", str(comparison)])
     assert rc == 0
     out = capsys.readouterr().out
     for run in ("fomaml_seed0", "binom1_seed0", "random_seed0", "pretrained_seed0"):
@@ -85,7 +91,7 @@ def test_rerun_reuses_finished_runs(comparison, capsys):
     assert {f: f.stat().st_mtime_ns for f in files} == before  # nothing retrained or rewritten
 
 
-def test_plan_resumes_partial_runs_and_restarts_crashed_ones(comparison, tmp_path):
+def test_plan_resumes_partial_runs_and_restarts_crashed_ones(comparison, tmp_path, _options):
     plan = plan_comparison(_options(comparison, **{"num-batches": 3}))
     actions = {r.folder.name: r.action for r in plan.runs}
     assert actions == {"fomaml_seed0": "resume", "binom1_seed0": "resume",
@@ -95,7 +101,7 @@ def test_plan_resumes_partial_runs_and_restarts_crashed_ones(comparison, tmp_pat
     (crashed / "train.log").write_text("killed\n")
     actions = {r.folder.name: r.action for r in plan_comparison(_options(tmp_path)).runs}
     assert actions["fomaml_seed0"] == "overwrite" and actions["binom1_seed0"] == "train"
-    with pytest.raises(ConfigError, match="different settings"):
+    with pytest.raises(ConfigError, match=r"settings \(fast-lr \(saved 0.1, given 0.2\)\)"):
         plan_comparison(_options(comparison, **{"fast-lr": 0.2}))
 
 
@@ -103,7 +109,9 @@ def test_plan_resumes_partial_runs_and_restarts_crashed_ones(comparison, tmp_pat
     "argv,message",
     [
         (["--estimators", "maml,foo"], "unknown estimator"),
-        (["--estimators", "binom:2"], "L <= num-steps"),
+        (["--estimators", "binom:2"], "binom:2 (num-steps 1): order 2 > 1 inner steps"),
+        (["--estimators", "trunc:-1"], "order must be >= 0"),
+        (["--estimators", "binom:x"], "order of 'binom:x' is not an int"),
         (["--estimators", "trunc"], "needs an order"),
         (["--estimators", "maml", "--seeds", "0,x"], "not an int"),
         (["--estimators", "maml", "--baselines", "expert"], "unknown baseline"),

@@ -7,11 +7,13 @@ import torch
 from torch.distributions import Categorical, Independent, Normal
 
 from binom_rl.agents.policies import (
+    ACTIVATIONS,
     CategoricalMLPPolicy,
     GaussianMLPPolicy,
     batched_sample,
     make_policy,
 )
+from binom_rl.config import NONLINEARITIES
 
 OBS_DIM, ACT_DIM, N_ACT = 3, 2, 4
 
@@ -254,3 +256,13 @@ def test_fisher_vector_product_under_vmap(which, gauss, cat):
         v_t = torch.cat([v[k][t].reshape(-1) for k in p_t])
         got = torch.cat([out[k][t].reshape(-1) for k in p_t])
         assert torch.allclose(got, hess @ v_t, atol=1e-5)
+
+
+def test_activations_cover_the_config_names_and_agree_with_their_modules():
+    assert set(ACTIVATIONS) == set(NONLINEARITIES)
+    x = torch.linspace(-3, 3, 13)
+    for name, (fn, module) in ACTIVATIONS.items():
+        torch.testing.assert_close(fn(x), module()(x), rtol=0, atol=0, msg=name)
+    assert torch.equal(ACTIVATIONS["relu"][0](x), x.clamp(min=0))
+    sinh, cosh = (x.exp() - (-x).exp()) / 2, (x.exp() + (-x).exp()) / 2
+    torch.testing.assert_close(ACTIVATIONS["tanh"][0](x), sinh / cosh)

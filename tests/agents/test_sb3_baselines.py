@@ -5,8 +5,9 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
+from binom_rl.agents.evaluation import evaluate_params
+from binom_rl.agents.policies import GaussianMLPPolicy
 from binom_rl.agents.sb3_baselines import (
-    action_distribution,
     evaluate_oracle,
     make_baseline_env,
     policy_for,
@@ -17,9 +18,15 @@ from binom_rl.agents.sb3_baselines import (
 )
 from binom_rl.config import Config
 
-torch.set_num_threads(1)
-
 NAV = {"env-name": "binom_rl/2DNavigation-v0", "max-episode-steps": 10, "fast-batch-size": 4}
+
+
+def action_distribution(policy, params, obs):
+    """(mean, std) of a Gaussian policy or (logits,) of a categorical one."""
+    if isinstance(policy, GaussianMLPPolicy):
+        mean, std = policy.mean_and_std(params, obs)
+        return mean, std.expand_as(mean)
+    return (policy.logits(params, obs),)
 
 
 def _ppo(cfg: Config, append_task: bool = False) -> PPO:
@@ -95,6 +102,29 @@ def test_train_ppo_and_evaluate_oracle_shapes(tmp_path):
     assert returns.shape == (6, 1) and np.isfinite(returns).all()
     again = evaluate_oracle(cfg, model, meta_batch_size=3, num_batches=2, seed=7)
     np.testing.assert_array_equal(returns, again)
+
+
+def test_oracle_sees_the_test_tasks_and_episodes_of_evaluate_params():
+    """An oracle whose actor ignores the task features acts as the plain policy of its other
+    weights; then evaluate_oracle's returns must be evaluate_params' 0-step returns of that
+    policy, task for task: the same test tasks, episodes per task, seeds and action noise."""
+    cfg = Config.from_dict({**NAV, "hidden-sizes": [8]})
+    model = _ppo(cfg, append_task=True)
+    first = model.policy.mlp_extractor.policy_net[0]
+    with torch.no_grad():  # a non-trivial policy that reads the observation only
+        for p in model.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        first.weight[:, 2:] = 0.0  # NAV: obs 2, goal features 2
+    oracle = evaluate_oracle(cfg, model, meta_batch_size=3, num_batches=2, seed=11)
+    params = sb3_to_params(model, policy_for(cfg, extra_obs=2))
+    params["layers.0.weight"] = params["layers.0.weight"][:, :2].clone()
+    plain = evaluate_params(cfg, params, num_steps=1, meta_batch_size=3, num_batches=2,
+                            seed=11, progress=False)  # fmt: skip
+    assert oracle.shape == (6, 1) and len(set(oracle[:, 0].round(4))) == 6  # 6 distinct tasks
+    np.testing.assert_allclose(oracle[:, 0], plain[:, 0], rtol=1e-5, atol=1e-5)
+    other = evaluate_params(cfg, params, num_steps=1, meta_batch_size=3, num_batches=2,
+                            seed=12, progress=False)  # fmt: skip
+    assert np.abs(other[:, 0] - oracle[:, 0]).max() > 1e-3  # another seed differs: not vacuous
 
 
 @pytest.mark.parametrize("rescale, bound, moved", [(True, 1.0, 0.05), (False, 0.1, 0.1)])

@@ -10,34 +10,19 @@ import yaml
 
 from binom_rl.agents import maml_trpo
 from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, train
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, RunComplete, train
 from binom_rl.checkpoint import load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml
 
-TINY = {
-    "env-name": "binom_rl/2DNavigation-v0",
-    "max-episode-steps": 10,
-    "hidden-sizes": [8],
-    "meta-batch-size": 3,
-    "fast-batch-size": 4,
-    "num-batches": 4,
-    "cg-iters": 3,
-    "seed": 7,
-}
 
+@pytest.fixture(scope="session")
+def _cfg(tiny_config):
+    """``_cfg(**overrides)``: the tiny run, 4 iterations, seed 7."""
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    def make(**overrides) -> Config:
+        return Config.from_dict(tiny_config(**{"num_batches": 4, "seed": 7, **overrides}))
 
-
-def _cfg(**overrides) -> Config:
-    raw = dict(TINY)
-    raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return Config.from_dict(raw)
+    return make
 
 
 def _params(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,14 +30,14 @@ def _params(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_run(tmp_path_factory, _cfg):
     """An uninterrupted 4-iteration run (shared by the resume tests)."""
     folder = tmp_path_factory.mktemp("straight")
     metrics = train(_cfg(), folder, progress=False)
     return folder, metrics
 
 
-def test_resume_equals_uninterrupted(straight_run, tmp_path):
+def test_resume_equals_uninterrupted(straight_run, tmp_path, _cfg):
     straight, _ = straight_run
     train(_cfg(), tmp_path, progress=False, stop_after=2)
     assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["iteration"] == 2
@@ -64,7 +49,7 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path):
         torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
 
 
-def test_resume_with_more_batches_continues(straight_run, tmp_path):
+def test_resume_with_more_batches_continues(straight_run, tmp_path, _cfg):
     """A finished 2-iteration run resumed with num-batches 4 runs iterations 2 and 3 and
     lands exactly where the straight 4-iteration run does."""
     straight, _ = straight_run
@@ -78,7 +63,7 @@ def test_resume_with_more_batches_continues(straight_run, tmp_path):
         torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
 
 
-def test_resume_refuses_a_changed_hyperparameter(straight_run):
+def test_resume_refuses_a_changed_hyperparameter(straight_run, _cfg):
     straight, _ = straight_run
     before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir()}
     with pytest.raises(ConfigError, match="fast-lr"):
@@ -86,7 +71,16 @@ def test_resume_refuses_a_changed_hyperparameter(straight_run):
     assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
 
 
-def test_run_folder_contents(straight_run):
+def test_resume_of_a_finished_run_raises_run_complete_and_writes_nothing(straight_run, _cfg):
+    straight, _ = straight_run
+    before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir()}
+    for total in (4, 3):  # at and past num-batches
+        with pytest.raises(RunComplete, match=f"run already at iteration 4 of {total}"):
+            train(_cfg(num_batches=total), straight, resume=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
+
+
+def test_run_folder_contents(straight_run, _cfg):
     folder, metrics = straight_run
     assert (folder / CONFIG_FILE).is_file()
     assert Config.from_dict(load_yaml(folder / CONFIG_FILE)) == _cfg()
@@ -110,7 +104,7 @@ class _FakeSampler:
         env.close()
 
 
-def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch, _cfg):
     """NaN in the outer loss on the 2nd iteration: NonFiniteError naming where it
     surfaces first (the meta-gradient, i.e. the outer loss' gradient), and
     policy.pt keeps the params of the 1st (last good) iteration."""
@@ -148,7 +142,7 @@ def test_check_finite_names_the_place():
         maml_trpo._check_finite("meta-gradient", {"w": torch.tensor([1.0, float("inf")])})
 
 
-def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch):
+def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch, _cfg):
     seen = []
     original = maml_trpo.MetaLearner.__init__
 

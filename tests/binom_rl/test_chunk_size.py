@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -39,8 +41,26 @@ def test_half_cheetah_meta_batch_fits_a_quarter_of_an_h100():
     assert mlp_hvp_bytes(10, [1, 1], torch.float64) == 2 * mlp_hvp_bytes(10, [1, 1])
 
 
-def test_device_memory_bytes_cpu_is_positive():
-    assert device_memory_bytes("cpu") > 2**20
+def _mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.skipif(_mem_total_bytes() is None, reason="needs /proc/meminfo")
+def test_device_memory_bytes_cpu_is_the_kernels_total_ram():
+    # the kernel's MemTotal counts the same RAM in KiB: equal to within a page
+    assert abs(device_memory_bytes("cpu") - _mem_total_bytes()) <= os.sysconf("SC_PAGE_SIZE")
+
+
+def test_device_memory_bytes_cpu_without_sysconf(monkeypatch):
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(os, "sysconf", no_sysconf)
+    assert device_memory_bytes("cpu") == 8 * GIB  # the documented fallback
 
 
 def test_config_chunk_size_auto_and_errors():

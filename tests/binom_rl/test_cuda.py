@@ -16,7 +16,7 @@ import torch
 from binom_rl.agents.maml_trpo import AdaptationResult, MetaLearner
 from binom_rl.config import Config
 from binom_rl.metagrad import batched_adapt, batched_meta_gradient, batched_meta_jvp
-from binom_rl.rl import conjugate_gradient
+from binom_rl.rl import cg_solve
 from binom_rl.sampler import Episodes, MultiTaskSampler
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -63,7 +63,7 @@ def _cg_solution(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     m = torch.randn(30, 30, generator=gen, dtype=torch.float64)
     a = (m @ m.T + 30 * torch.eye(30, dtype=torch.float64)).to(device)
     b = torch.randn(30, generator=gen, dtype=torch.float64).to(device)
-    x = conjugate_gradient(lambda v: a @ v, b, iters=40, residual_tol=1e-28)
+    x = cg_solve(lambda v: a @ v, b, iters=40, residual_tol=1e-28).x
     return x.cpu(), torch.linalg.solve(a.cpu(), b.cpu())
 
 
@@ -129,7 +129,7 @@ def _assert_steps_close(params, cpu, dev):
     step_dev = torch.cat([(new_dev[k] - params[k].cpu()).reshape(-1) for k in params])
     assert step_cpu.norm() > 0  # the step was accepted: the comparison is not vacuous
     rel = (step_dev - step_cpu).norm() / step_cpu.norm()
-    # CG stops once r.r <= 1e-10 (binom_rl.rl.conjugate_gradient): on a tiny problem the two
+    # CG stops once r.r <= 1e-10 (binom_rl.rl.cg_solve): on a tiny problem the two
     # devices may stop an iteration apart, which moves the step by ~1e-5 relative (seen on an
     # H200 in float64: 8e-6 and 1.4e-5; float32 gave 4e-2, hence float64 here).
     assert rel < 1e-4, rel

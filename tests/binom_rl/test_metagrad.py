@@ -20,8 +20,8 @@ from binom_rl.metagrad import (
     batched_meta_gradient,
     batched_meta_jvp,
     batched_meta_vjp,
-    functional_model,
     hessian_norms,
+    lacks_forward_ad,
     meta_gradient,
     meta_jvp,
     meta_vjp,
@@ -225,6 +225,74 @@ def test_binom_revrev_fallback_matches_fwdrev():
     torch.testing.assert_close(_flat(a), _flat(b))
 
 
+class _SinWithoutJvp(torch.autograd.Function):
+    """sin(x) with a backward but no jvp: forward-mode AD has no formula for it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return grad_out * x.cos()
+
+
+def _sin_loss(p, data):
+    return (_SinWithoutJvp.apply(p["w"]) * data["c"]).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize("task_batched", [False, True])
+def test_hvp_falls_back_where_forward_ad_has_no_formula(chunk_size, task_batched):
+    """hvp_mode auto: an op without a forward-mode formula makes the HVP reverse-over-reverse,
+    with a warning; the result is the Hessian of sum_i c_i sin(w_i): diag(-c sin w)."""
+    gen = torch.Generator().manual_seed(0)
+    w, c, v = (torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    loss = TaskBatchedLoss(lambda p, d: (_SinWithoutJvp.apply(p["w"]) * d["c"]).sum(-1))
+    with pytest.warns(RuntimeWarning, match="using reverse-over-reverse"):
+        out = batched_hvp(loss if task_batched else _sin_loss, {"w": w}, {"c": c}, {"w": v},
+                          chunk_size=chunk_size)  # fmt: skip
+    torch.testing.assert_close(out["w"], -torch.sin(w) * c * v)
+    with pytest.raises(NotImplementedError, match="forward mode AD"):
+        batched_hvp(_sin_loss, {"w": w}, {"c": c}, {"w": v}, hvp_mode="fwdrev")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        NotImplementedError("some other missing kernel"),
+    ],
+    ids=["shape", "out-of-memory", "other"],
+)
+def test_hvp_failures_other_than_forward_ad_propagate(error, recwarn):
+    """Only a missing forward-mode formula falls back: shape bugs, out-of-memory and the
+    rest reach the caller, and reverse-over-reverse is not tried."""
+    calls = []
+
+    def failing_loss(p, data):
+        calls.append(1)
+        raise error
+
+    w = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(type(error), match=str(error).split(" ")[0]):
+        batched_hvp(failing_loss, {"w": w}, {"c": w}, {"w": w})
+    assert len(calls) == 1  # forward-over-reverse only: no second attempt
+    assert not [x for x in recwarn if "reverse-over-reverse" in str(x.message)]
+    assert lacks_forward_ad(error) is False
+    assert lacks_forward_ad(NotImplementedError(
+        "Trying to use forward AD with _cdist_forward that does not support it because it "
+        "has not been implemented yet."))  # fmt: skip
+
+
 def test_adapt_path_is_gradient_descent():
     gen = torch.Generator().manual_seed(1)
     data = _random_quadratic(3, torch.float64, gen)
@@ -254,10 +322,10 @@ class _MLP(nn.Module):
 def _mlp_problem(K, dtype, seed=0, n=10):
     torch.manual_seed(seed)
     module = _MLP().to(dtype)
-    params, forward = functional_model(module)
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
 
     def loss(p, data):
-        return ((forward(p, data["x"]) - data["y"]) ** 2).mean()
+        return ((torch.func.functional_call(module, p, (data["x"],)) - data["y"]) ** 2).mean()
 
     def make(amp, phase):
         x = torch.rand(n, 1, dtype=dtype) * 10 - 5
@@ -419,14 +487,6 @@ def test_bad_vector_and_data():
         meta_vjp(quad_loss, path[:2], data, params, step_size=ALPHA, method="maml")
     with pytest.raises(ValueError, match="already exact"):
         meta_gradient(quad_loss, quad_loss, params, data, data[0], step_size=ALPHA, order=5)
-
-
-def test_functional_model_matches_module():
-    module = _MLP()
-    params, forward = functional_model(module)
-    x = torch.randn(5, 1)
-    torch.testing.assert_close(forward(params, x), module(x))
-    assert set(params) == {n for n, _ in module.named_parameters()}
 
 
 # --------------------------------------------------------------------------- task-batched losses

@@ -8,19 +8,19 @@ import torch
 
 from binom_rl.rl import (
     cg_solve,
-    conjugate_gradient,
     discounted_returns,
     flatten_params,
     gae,
     line_search,
-    masked_mean,
     masked_mean_per_task,
+    mean_and_stderr,
     normalize_advantages,
-    tree_add,
-    tree_dot,
-    tree_scale,
     unflatten_params,
 )
+
+
+def _cg_solution(mvp, b, iters):
+    return cg_solve(mvp, b, iters).x
 
 
 def test_masked_mean_per_task_by_hand():
@@ -29,23 +29,24 @@ def test_masked_mean_per_task_by_hand():
     got = masked_mean_per_task(x, mask)
     # (1 + 2 + 4) / 3, 5 / 1, and an all-masked task: 0 (the count is clamped at 1).
     torch.testing.assert_close(got, torch.tensor([7.0 / 3.0, 5.0, 0.0]))
-    for t in range(2):
-        torch.testing.assert_close(got[t], masked_mean(x[t], mask[t]))
-    # trailing dims of x beyond the mask are averaged too, as in masked_mean
-    y = torch.randn(3, 2, 2, 4)
+
+
+def test_masked_mean_per_task_averages_trailing_dims():
+    """Against a loop over every entry: the mask [T, H, B] covers x [T, H, B, 4]'s last dim."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 2, 2, 4, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(3, 2, 2, generator=gen) > 0.4).double()
+    mask[2] = 0.0
+    want = []
     for t in range(3):
-        torch.testing.assert_close(masked_mean_per_task(y, mask)[t], masked_mean(y[t], mask[t]))
-
-
-def test_masked_mean():
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
-    assert torch.allclose(masked_mean(x, mask), torch.tensor((1 + 2 + 3) / 3))
-    # all masked: denominator clamped to 1, no NaN
-    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
-    # trailing dims of x are averaged too
-    y = torch.ones(3, 2, 4)
-    assert torch.allclose(masked_mean(y, mask), torch.tensor(1.0))
+        total = count = 0.0
+        for h in range(2):
+            for b in range(2):
+                for j in range(4):
+                    total += float(y[t, h, b, j] * mask[t, h, b])
+                    count += float(mask[t, h, b])
+        want.append(total / max(count, 1.0))
+    torch.testing.assert_close(masked_mean_per_task(y, mask), torch.tensor(want, dtype=y.dtype))
 
 
 def test_discounted_returns_by_hand():
@@ -123,16 +124,25 @@ def test_normalize_advantages_per_task():
     )
 
 
-def test_flatten_roundtrip_and_tree_helpers():
+def test_flatten_roundtrip():
     d = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7.0, 8.0])}
     vec = flatten_params(d)
     assert torch.equal(vec, torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 8]))
     back = unflatten_params(vec, d)
     assert list(back) == ["a", "b"]
     assert all(torch.equal(back[k], d[k]) for k in d)
-    s = tree_add(d, tree_scale(d, 2.0), alpha=0.5)
-    assert torch.allclose(flatten_params(s), 2.0 * vec)
-    assert torch.allclose(tree_dot(d, d), vec @ vec)
+
+
+def test_mean_and_stderr_by_hand():
+    # [1, 2, 3, 4]: mean 2.5, sample variance 5/3, standard error sqrt(5/3 / 4)
+    mean, se = mean_and_stderr(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5 and se == pytest.approx(math.sqrt(5.0 / 12.0))
+    mean, se = mean_and_stderr(np.array([[1.0, 3.0], [2.0, 2.0]]), axis=1)
+    np.testing.assert_allclose(mean, [2.0, 2.0])
+    np.testing.assert_allclose(se, [1.0, 0.0])  # std(ddof=1) of [1, 3] is sqrt(2), / sqrt(2)
+    mean, se = mean_and_stderr(np.array([[5.0, -1.0]]), axis=0)  # one sample: no spread
+    np.testing.assert_array_equal(mean, [5.0, -1.0])
+    np.testing.assert_array_equal(se, [0.0, 0.0])
 
 
 @pytest.mark.parametrize("n", [1, 5, 20])
@@ -142,10 +152,10 @@ def test_conjugate_gradient_spd(n):
     a = m @ m.T + n * np.eye(n)
     b = rng.standard_normal(n)
     at = torch.tensor(a)
-    x = conjugate_gradient(lambda v: at @ v, torch.tensor(b), iters=n)
+    x = _cg_solution(lambda v: at @ v, torch.tensor(b), iters=n)
     np.testing.assert_allclose(x.numpy(), np.linalg.solve(a, b), rtol=1e-5, atol=1e-6)
     # extra iterations after convergence are no-ops (no NaN from 0/0)
-    x_more = conjugate_gradient(lambda v: at @ v, torch.tensor(b), iters=3 * n + 5)
+    x_more = _cg_solution(lambda v: at @ v, torch.tensor(b), iters=3 * n + 5)
     assert torch.isfinite(x_more).all()
     np.testing.assert_allclose(x_more.numpy(), np.linalg.solve(a, b), rtol=1e-5, atol=1e-6)
 
@@ -163,15 +173,14 @@ def test_cg_solve_accumulated_product_equals_explicit(iters, dtype):
     x, ax = cg_solve(lambda v: a @ v, b, iters=iters)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ax, a @ x, **tol)
-    torch.testing.assert_close(x, conjugate_gradient(lambda v: a @ v, b, iters=iters))
 
 
 def test_conjugate_gradient_zero_rhs_and_float32():
     a = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
-    x = conjugate_gradient(lambda v: a @ v, torch.zeros(3), iters=5)
+    x = _cg_solution(lambda v: a @ v, torch.zeros(3), iters=5)
     assert torch.equal(x, torch.zeros(3))
     b = torch.tensor([1.0, 1.0, 1.0])
-    x = conjugate_gradient(lambda v: a @ v, b, iters=10)
+    x = _cg_solution(lambda v: a @ v, b, iters=10)
     assert torch.allclose(x, torch.tensor([1.0, 0.5, 1.0 / 3.0]), atol=1e-6)
 
 
@@ -211,6 +220,6 @@ def test_conjugate_gradient_under_vmap():
         mats.append(m @ m.T + 4 * np.eye(4))
         rhs.append(rng.standard_normal(4))
     a, b = torch.tensor(np.stack(mats)), torch.tensor(np.stack(rhs))
-    x = torch.func.vmap(lambda ai, bi: conjugate_gradient(lambda v: ai @ v, bi, iters=8))(a, b)
+    x = torch.func.vmap(lambda ai, bi: _cg_solution(lambda v: ai @ v, bi, iters=8))(a, b)
     ref = np.stack([np.linalg.solve(m, r) for m, r in zip(mats, rhs, strict=True)])
     np.testing.assert_allclose(x.numpy(), ref, rtol=1e-6, atol=1e-8)

@@ -7,30 +7,18 @@ import pytest
 
 from binom_rl.envs.mujoco_batch import MujocoRolloutBatchEnv
 from binom_rl.envs.mujoco_tasks import (
-    AntDirEnv,
-    AntGoalEnv,
-    AntVelEnv,
     HalfCheetahDirEnv,
     HalfCheetahVelEnv,
 )
 from binom_rl.envs.rand_params import HopperRandParamsEnv, Walker2dRandParamsEnv
 
-ALL_ENVS = [
-    HalfCheetahVelEnv,
-    HalfCheetahDirEnv,
-    AntVelEnv,
-    AntDirEnv,
-    AntGoalEnv,
-    HopperRandParamsEnv,
-    Walker2dRandParamsEnv,
-]
 NUM_ENVS, NUM_STEPS = 3, 50
 
 
 @pytest.mark.parametrize("nthread", [0, 2])
-@pytest.mark.parametrize("cls", ALL_ENVS, ids=[c.__name__ for c in ALL_ENVS])
-def test_batch_matches_gymnasium(cls, nthread):
+def test_batch_matches_gymnasium(mujoco_task_env, nthread):
     """Same tasks, seeds and actions: same obs, rewards and terminations for 50 steps."""
+    cls = mujoco_task_env
     env = cls()
     env.reset(seed=11)
     tasks = env.sample_tasks(NUM_ENVS)

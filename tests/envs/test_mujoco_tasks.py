@@ -19,24 +19,13 @@ from binom_rl.envs.mujoco_tasks import (
 )
 from binom_rl.envs.rand_params import HopperRandParamsEnv, Walker2dRandParamsEnv
 
-ALL_ENVS = [
-    HalfCheetahVelEnv,
-    HalfCheetahDirEnv,
-    AntVelEnv,
-    AntDirEnv,
-    AntGoalEnv,
-    HopperRandParamsEnv,
-    Walker2dRandParamsEnv,
-]
-IDS = [cls.__name__ for cls in ALL_ENVS]
-
 
 def _same_task(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("cls", ALL_ENVS, ids=IDS)
-def test_checkers_pass(cls):
+def test_checkers_pass(mujoco_task_env):
+    cls = mujoco_task_env
     env = cls()
     env.reset_task(env.sample_tasks(1)[0])
     with warnings.catch_warnings():
@@ -45,8 +34,8 @@ def test_checkers_pass(cls):
         sb3_check_env(TimeLimit(cls(), max_episode_steps=200), warn=False)
 
 
-@pytest.mark.parametrize("cls", ALL_ENVS, ids=IDS)
-def test_sample_tasks_reproducible_and_valid(cls):
+def test_sample_tasks_reproducible_and_valid(mujoco_task_env):
+    cls = mujoco_task_env
     env = cls()
     env.reset(seed=123)
     first = env.sample_tasks(20)

@@ -1,13 +1,19 @@
 """scripts/train.py and scripts/evaluate.py at tiny sizes: files and TensorBoard tags,
-bad inputs (exit 2, one error line, nothing written), user envs via ``module:EnvId-v0``."""
+bad inputs (exit 2, one error line, nothing written), failures during a run (exit 1, one
+error line, the traceback in error.log or with --verbose), user envs via
+``module:EnvId-v0``."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +24,7 @@ from binom_rl.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / "tests" / "helpers"  # binom_rl_test_envs: PointGoal-v0, NoTasks-v0
-TINY = [
-    "--env-name", "binom_rl/2DNavigation-v0",
-    "--max-episode-steps", "10",
-    "--hidden-sizes", "[8]",
-    "--meta-batch-size", "3",
-    "--fast-batch-size", "4",
-    "--num-batches", "2",
-    "--cg-iters", "3",
-    "--torch-threads", "1",
-    "--no-progress",
-]  # fmt: skip
+QUIET = ["--torch-threads", "1", "--no-progress"]
 
 
 def _load_script(name: str):
@@ -42,19 +38,17 @@ train_cli = _load_script("train")
 evaluate_cli = _load_script("evaluate")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="session")
+def tiny_argv(tiny_flags):
+    """The tiny run's flags (2 iterations), one torch thread, no progress bar."""
+    return [*tiny_flags(), *QUIET]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, tiny_argv):
     """A 2-iteration, 2-inner-step run through the CLI with the exact-gradient diagnostic."""
     folder = tmp_path_factory.mktemp("cli") / "run"
-    argv = [*TINY, "--num-steps", "2", "--order", "1", "--diagnose-every", "1"]
+    argv = [*tiny_argv, "--num-steps", "2", "--order", "1", "--diagnose-every", "1"]
     assert train_cli.main([*argv, "--output-folder", str(folder)]) == 0
     return folder
 
@@ -86,7 +80,24 @@ def test_run_folder_and_tensorboard_tags(finished_run):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [0, 1]
         assert all(np.isfinite(e.value) for e in events)
-    assert all(-1.0 <= e.value <= 1.0 + 1e-6 for e in acc.Scalars("metagrad/cosine_to_exact"))
+    # BinomMAML L = 1 at K = 2 is an approximation: cosine below 1, and the two logged
+    # figures of one pair of vectors a, e agree: |a - e| / |e| >= sin(angle(a, e)).
+    for cos, rel in zip(acc.Scalars("metagrad/cosine_to_exact"),
+                        acc.Scalars("metagrad/rel_error_to_exact"), strict=True):  # fmt: skip
+        assert cos.value < 1 - 1e-9 and rel.value > 1e-6
+        assert rel.value >= math.sqrt(max(0.0, 1 - cos.value**2)) - 1e-6
+
+
+def test_diagnostic_of_an_exact_estimator_is_exact(tmp_path, tiny_argv):
+    """binom with order = num-steps keeps every term: its meta-gradient is the exact one."""
+    from binom_rl.agents.training import read_scalars
+
+    folder = tmp_path / "run"
+    argv = [*tiny_argv, "--num-batches", "1", "--num-steps", "2", "--order", "2"]
+    assert train_cli.main([*argv, "--diagnose-every", "1", "--output-folder", str(folder)]) == 0
+    scalars = read_scalars(folder)
+    assert scalars["metagrad/cosine_to_exact"][0] == pytest.approx(1.0, abs=1e-6)
+    assert scalars["metagrad/rel_error_to_exact"][0] < 1e-4
 
 
 def test_evaluate_writes_results(finished_run, tmp_path, capsys):
@@ -177,36 +188,36 @@ BINOM_K2 = ["--estimator", "binom", "--order", "1", "--num-steps", "2"]
         (["--num-steps", "2", "--fvp-estimator", "binom", "--fvp-order", "1"], True),
     ],
 )
-def test_train_notes_binom_fisher_on_noisy_episodes(tmp_path, capsys, flags, noted):
+def test_train_notes_binom_fisher_on_noisy_episodes(tmp_path, capsys, flags, noted, tiny_argv):
     """A valid but measured-to-be-poor setting trains, with a one-line note on stderr."""
-    argv = [*TINY, "--num-batches", "1", "--fvp-subsample", "2", *flags]
+    argv = [*tiny_argv, "--num-batches", "1", "--fvp-subsample", "2", *flags]
     assert train_cli.main([*argv, "--output-folder", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert ("note: BinomMAML's own Fisher products" in err) is noted
 
 
-def test_non_empty_folder_refused(tmp_path, capsys):
+def test_non_empty_folder_refused(tmp_path, capsys, tiny_argv):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    assert train_cli.main([*TINY, "--output-folder", str(folder)]) == 2
+    assert train_cli.main([*tiny_argv, "--output-folder", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--resume" in err[0]
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
-def test_overwrite_replaces_the_previous_run_only(tmp_path):
+def test_overwrite_replaces_the_previous_run_only(tmp_path, tiny_argv):
     """--overwrite starts over: the old run's TensorBoard events, checkpoint and evaluation
     results are gone (one run's curves, not two mixed), other files stay."""
     folder = tmp_path / "run"
-    assert train_cli.main([*TINY, "--output-folder", str(folder)]) == 0
+    assert train_cli.main([*tiny_argv, "--output-folder", str(folder)]) == 0
     assert evaluate_cli.main(["--run", str(folder), "--meta-batch-size", "2", "--num-batches", "1",
                               "--no-progress"]) == 0  # fmt: skip
     (folder / "notes.txt").write_text("keep me")
     old_events = sorted(folder.glob("events.out.tfevents.*"))
     assert len(old_events) == 1 and (folder / "results.csv").is_file()
-    argv = [*TINY, "--num-batches", "1", "--output-folder", str(folder), "--overwrite"]
+    argv = [*tiny_argv, "--num-batches", "1", "--output-folder", str(folder), "--overwrite"]
     assert train_cli.main(argv) == 0
     events = sorted(folder.glob("events.out.tfevents.*"))
     assert len(events) == 1 and events != old_events
@@ -232,19 +243,21 @@ BAD_FLAGS = {
     "zero max-kl": (["--max-kl", "0"], "max-kl must be > 0"),
     "trunc order > steps": (
         ["--estimator", "trunc", "--order", "2", "--num-steps", "1"],
-        "order 2 > num-steps 1",
+        "order for estimator trunc (num-steps 1): order 2 > 1 inner steps",
     ),
     "binom order > steps": (
         ["--estimator", "binom", "--order", "3", "--num-steps", "2"],
-        "order 3 > num-steps 2",
+        "order for estimator binom (num-steps 2): order 3 > 2 inner steps",
     ),
+    "negative order": (["--estimator", "binom", "--order", "-1"], "order must be >= 0"),
     "unknown estimator": (["--estimator", "sgd"], "estimator must be one of"),
     "unknown fvp estimator": (["--fvp-estimator", "sgd"], "fvp-estimator must be one of"),
     "fvp order > steps": (
         ["--fvp-estimator", "binom", "--fvp-order", "2", "--num-steps", "1"],
-        "fvp-order 2 > num-steps 1",
+        "fvp-order for fvp-estimator binom (num-steps 1): order 2 > 1 inner steps",
     ),
     "unknown hvp mode": (["--hvp-mode", "fast"], "hvp-mode must be one of"),
+    "unknown nonlinearity": (["--nonlinearity", "elu"], "nonlinearity must be one of tanh, relu"),
     "zero fvp subsample": (["--fvp-subsample", "0"], "fvp-subsample must be >= 1"),
     "unknown fvp subsample unit": (
         ["--fvp-subsample-by", "samples"],
@@ -260,10 +273,12 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
-def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, monkeypatch, flags, message):
+def test_bad_input_exit_2_one_line_nothing_written(
+    tmp_path, capsys, monkeypatch, flags, message, tiny_argv
+):
     monkeypatch.syspath_prepend(str(HELPERS))
     folder = tmp_path / "run"
-    assert train_cli.main([*TINY, *flags, "--output-folder", str(folder)]) == 2
+    assert train_cli.main([*tiny_argv, *flags, "--output-folder", str(folder)]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1, captured.err
@@ -271,10 +286,10 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, monkeypatch
     assert not folder.exists()
 
 
-def test_unknown_key_in_yaml_lists_valid_keys(tmp_path, capsys):
+def test_unknown_key_in_yaml_lists_valid_keys(tmp_path, capsys, tiny_argv):
     config = _yaml(tmp_path, "env-name: binom_rl/2DNavigation-v0\nfast-lrr: 0.1\n")
     folder = tmp_path / "run"
-    assert train_cli.main([*TINY, "--config", config, "--output-folder", str(folder)]) == 2
+    assert train_cli.main([*tiny_argv, "--config", config, "--output-folder", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "unknown config key 'fast-lrr'" in err[0]
@@ -300,10 +315,10 @@ def test_bad_yaml(tmp_path, capsys, text, message):
     assert not folder.exists()
 
 
-def test_unknown_flag_exits_2(tmp_path, capsys):
+def test_unknown_flag_exits_2(tmp_path, capsys, tiny_argv):
     folder = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*TINY, "--fast-lrr", "0.1", "--output-folder", str(folder)])
+        train_cli.main([*tiny_argv, "--fast-lrr", "0.1", "--output-folder", str(folder)])
     assert exc.value.code == 2
     assert "--fast-lrr" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not folder.exists()
@@ -323,12 +338,12 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path):
+def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path, tiny_argv):
     """A fresh process: a user's env given as `module:EnvId-v0` trains 2 iterations;
     one without the task protocol gets exit 2 and exactly one stderr line."""
     good = tmp_path / "good"
     proc = _run_cli(
-        [*TINY, "--env-name", "binom_rl_test_envs:PointGoal-v0", "--output-folder", str(good)],
+        [*tiny_argv, "--env-name", "binom_rl_test_envs:PointGoal-v0", "--output-folder", str(good)],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -339,7 +354,7 @@ def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path):
 
     bad = tmp_path / "bad"
     proc = _run_cli(
-        [*TINY, "--env-name", "binom_rl_test_envs:NoTasks-v0", "--output-folder", str(bad)],
+        [*tiny_argv, "--env-name", "binom_rl_test_envs:NoTasks-v0", "--output-folder", str(bad)],
         tmp_path,
     )
     assert proc.returncode == 2
@@ -350,19 +365,19 @@ def test_user_env_module_id_trains_and_bad_one_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda(tmp_path, capsys):
+def test_cuda_without_cuda(tmp_path, capsys, tiny_argv):
     folder = tmp_path / "run"
-    assert train_cli.main([*TINY, "--device", "cuda", "--output-folder", str(folder)]) == 2
+    assert train_cli.main([*tiny_argv, "--device", "cuda", "--output-folder", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cuda" in err[0]
     assert not folder.exists()
 
 
-def test_resume_flags(tmp_path, capsys):
+def test_resume_flags(tmp_path, capsys, tiny_argv):
     """--resume --num-batches N continues a finished run (what compare.py does); changing
     a hyper-parameter on --resume is refused without touching the folder."""
     folder = tmp_path / "run"
-    base = [*TINY, "--output-folder", str(folder)]
+    base = [*tiny_argv, "--output-folder", str(folder)]
     assert train_cli.main([*base, "--num-batches", "1"]) == 0
     assert load_checkpoint(folder / "policy.pt")["iteration"] == 1
     capsys.readouterr()
@@ -378,11 +393,114 @@ def test_resume_flags(tmp_path, capsys):
     assert load_checkpoint(folder / "policy.pt")["iteration"] == 2
 
 
-def test_profile_iteration_cli(capsys):
+def test_profile_iteration_cli(capsys, tiny_argv):
     script = _load_script("profile_iteration")
-    tiny = [a for a in TINY if a not in ("--no-progress",)]
+    tiny = [a for a in tiny_argv if a not in ("--no-progress",)]
     assert script.main([*tiny, "--iterations", "2", "--skip", "1"]) == 0
     out = capsys.readouterr().out
     assert "| meta-gradient |" in out and "| total |" in out
     assert script.main([*tiny, "--iterations", "1", "--skip", "1"]) == 2
     assert "must exceed skip" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(finished_run, capsys):
+    """--resume at or past --num-batches: one line saying so, exit 0, nothing written."""
+    before = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()}
+    resume = ["--output-folder", str(finished_run), "--resume", *QUIET]
+    for total in (2, 1):
+        capsys.readouterr()
+        assert train_cli.main([*resume, "--num-batches", str(total)]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out == [f"run already at iteration 2 of {total}: nothing to do"]
+    assert {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()} == before
+
+
+@pytest.fixture
+def fails_at_iteration_1(monkeypatch):
+    """Meta-iteration 1 raises a bug-like error (after iteration 0's checkpoint)."""
+    from binom_rl.agents import training
+
+    original = training.MetaLearner.meta_iteration
+
+    def meta_iteration(self, params, iteration, **kwargs):
+        if iteration == 1:
+            raise ValueError("boom at iteration 1")
+        return original(self, params, iteration, **kwargs)
+
+    monkeypatch.setattr(training.MetaLearner, "meta_iteration", meta_iteration)
+
+
+def test_failure_during_a_run_exit_1_one_line_traceback_in_error_log(
+    tmp_path, capsys, tiny_argv, fails_at_iteration_1
+):
+    folder = tmp_path / "run"
+    assert train_cli.main([*tiny_argv, "--output-folder", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ValueError: boom at iteration 1; ")
+    assert "policy.pt keeps the last good iteration: --resume continues" in err[0]
+    assert err[0].endswith(f"(traceback in {folder / 'error.log'})")
+    log = (folder / "error.log").read_text()
+    assert log.startswith("Traceback (most recent call last):") and "boom at iteration 1" in log
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == 1
+
+
+def test_failure_traceback_with_verbose(tmp_path, capsys, tiny_argv, fails_at_iteration_1):
+    folder = tmp_path / "run"
+    argv = [*tiny_argv, "--output-folder", str(folder), "--verbose"]
+    assert train_cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):"
+    assert err[-2] == "ValueError: boom at iteration 1"
+    assert err[-1].startswith("error: ValueError: boom at iteration 1")
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_path, tiny_argv):
+    """SIGKILL one of two sampler workers mid-run: exit 1, one stderr line naming the dead
+    worker, the checkpoint intact; --resume then continues the run."""
+    folder = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [*tiny_argv, "--num-batches", "500", "--num-workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *argv, "--output-folder", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "policy.pt").is_file() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.2)
+        # train -> forkserver -> the two workers
+        workers = [w for child in _children(proc.pid) for w in _children(child)]
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1, stderr
+    assert re.match(r"error: sampler worker [01] died \(exit code -9\): SIGKILL; ", err[0]), err[0]
+    assert "--resume continues" in err[0] and "error.log" in err[0]
+    done = load_checkpoint(folder / "policy.pt")["iteration"]
+    assert done >= 1
+    resume = ["--output-folder", str(folder), "--resume", *QUIET, "--num-batches", str(done + 1)]
+    assert train_cli.main(resume) == 0
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == done + 1

@@ -30,7 +30,6 @@ import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.common import environment_line, markdown_table, timed_cuda_call
 from binom_rl.metagrad import batched_meta_gradient
+from binom_rl.runtime import malloc_trim, peak_memory_mb, return_freed_memory
 
 Params = dict[str, Tensor]
 Batch = dict[str, Tensor]
@@ -389,11 +390,8 @@ def _rss_mb() -> float:
 
 
 def _maxrss_mb() -> float:
-    kb = _proc_status_kb("VmHWM")
-    if kb is not None:
-        return kb / 1024
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    kb = _proc_status_kb("VmHWM")  # the peak since _reset_peak_rss (ru_maxrss is not reset)
+    return kb / 1024 if kb is not None else peak_memory_mb("cpu")
 
 
 def make_call(cfg: MeasureConfig) -> Callable[[], Params]:
@@ -444,59 +442,31 @@ def measure(cfg: MeasureConfig) -> Measurement:
     for _ in range(cfg.repeats):
         gc.collect()
         if cuda:
-            torch.cuda.synchronize(cfg.device)
-            torch.cuda.reset_peak_memory_stats(cfg.device)
-            base = torch.cuda.memory_allocated(cfg.device) / 2**20
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = call()
-            end.record()
-            torch.cuda.synchronize(cfg.device)
-            elapsed = start.elapsed_time(end) / 1000
-            peak = torch.cuda.max_memory_allocated(cfg.device) / 2**20
+            out.baseline_mb = torch.cuda.memory_allocated(cfg.device) / 2**20
+            elapsed, growth, result = timed_cuda_call(call, cfg.device)
         else:
             malloc_trim()
             out.peak_reset = _reset_peak_rss() and out.peak_reset
-            base = _rss_mb()
+            out.baseline_mb = _rss_mb()
             t0 = time.perf_counter()
             result = call()
             elapsed = time.perf_counter() - t0
-            peak = _maxrss_mb()
+            growth = _maxrss_mb() - out.baseline_mb
         del result
         out.times_s.append(elapsed)
-        out.peaks_mb.append(peak - base)
-        out.baseline_mb = base
+        out.peaks_mb.append(growth)
     out.time_s = statistics.median(out.times_s)
     out.peak_mb = statistics.median(out.peaks_mb)
     return out
 
 
+#: The script whose ``--worker JSON`` flag runs :func:`worker_main` in a fresh interpreter.
+WORKER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_metagrad.py"
+
+
 def default_worker_cmd() -> list[str]:
-    """Command that runs :func:`worker_main` in a fresh interpreter (this module's main)."""
-    return [sys.executable, "-m", "binom_rl.benchmarks.metagrad_bench"]
-
-
-def set_malloc_mmap_threshold(nbytes: int = 65536) -> bool:
-    """Make glibc serve allocations >= ``nbytes`` by mmap (returned to the OS when freed), as
-    ``MALLOC_MMAP_THRESHOLD_`` does for a new process; False where glibc is absent."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        return False
-
-
-def malloc_trim() -> bool:
-    """Return free heap pages to the OS (glibc ``malloc_trim(0)``), so that memory reused by
-    the next call shows up as RSS growth; False where glibc is absent."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    """Command that runs :func:`worker_main` in a fresh interpreter (the benchmark script)."""
+    return [sys.executable, str(WORKER_SCRIPT)]
 
 
 def run_isolated(
@@ -512,7 +482,7 @@ def run_isolated(
     Failures (out of memory, crash, timeout) come back in ``error``.
     """
     if not isolate and not cfg.device.startswith("cuda"):
-        set_malloc_mmap_threshold()
+        return_freed_memory()
         try:
             return measure(cfg)
         finally:
@@ -630,13 +600,6 @@ def flatness_ratio(
 
 
 # --------------------------------------------------------------------------- report
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def error_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -824,15 +787,6 @@ def alpha_sensitivity(
             }
         )
     return rows
-
-
-def environment_line(device: str) -> str:
-    """Torch version, device and thread count, for the report header."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        where = torch.cuda.get_device_name(torch.device(device))
-    else:
-        where = f"CPU ({os.cpu_count()} logical cores)"
-    return f"torch {torch.__version__}, {where}"
 
 
 # --------------------------------------------------------------------------- driver
@@ -1188,9 +1142,3 @@ def report_markdown(res: dict[str, Any], opts: BenchmarkOptions) -> str:
         ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker_main(sys.argv[2])
-    else:
-        sys.exit("usage: python -m binom_rl.benchmarks.metagrad_bench --worker CONFIG_JSON")

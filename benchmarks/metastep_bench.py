@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.common import environment_line, markdown_table, timed_cuda_call
 from binom_rl.agents.maml_trpo import AdaptationResult, MetaLearner
 from binom_rl.agents.policies import GaussianMLPPolicy
-from binom_rl.benchmarks.metagrad_bench import environment_line, markdown_table
 from binom_rl.config import Config
 from binom_rl.metagrad import Params, batched_inner_step, default_chunk_size, mlp_hvp_bytes
 from binom_rl.rl import flatten_params
@@ -399,17 +399,9 @@ def time_call(
         result = None
         gc.collect()
         if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = call()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000)
-            peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+            elapsed, growth, result = timed_cuda_call(call, device)
+            times.append(elapsed)
+            peaks.append(growth)
         else:
             t0 = time.perf_counter()
             result = call()
@@ -621,7 +613,8 @@ def _ratio(a: Timing | None, b: Timing | None) -> float:
 
 
 def summarize(res: dict[str, Any], opts: MetastepOptions) -> dict[str, Any]:
-    """The ratios the issue asks for, as numbers and as printable lines."""
+    """The headline ratios (BinomMAML L = 2 against the reference and exact MAML, its growth
+    in K, the TRPO step), as numbers and as printable lines."""
     mg, lines = res["metagrad"], []
     s: dict[str, Any] = {"per_k": {}, "lines": lines}
     for k in opts.ks:

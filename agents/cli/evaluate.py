@@ -1,0 +1,62 @@
+"""Meta-test a trained run: ``binom-rl-evaluate --run runs/x [--num-steps 3]
+[--meta-batch-size 40] [--num-batches 10]`` (also ``python scripts/evaluate.py ...``).
+
+Prints the return after 0..n inner steps (mean and standard error over test tasks) and
+writes results.npz and results.csv into the run folder (or --output-folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from binom_rl.agents.cli.common import add_common_flags, run_command
+from binom_rl.agents.evaluation import evaluate_params, format_table, load_run, write_results
+from binom_rl.config import ConfigError
+from binom_rl.runtime import reuse_freed_memory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="training run folder (config.yaml, policy.pt)")
+    parser.add_argument("--num-steps", type=int, default=3, help="inner steps at test time")
+    parser.add_argument("--meta-batch-size", type=int, default=40, help="test tasks per batch")
+    parser.add_argument("--num-batches", type=int, default=10, help="batches of test tasks")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="test seed (default: run seed + offset)"
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--output-folder", default=None, help="where results go (default: --run)")
+    parser.add_argument("--no-progress", action="store_true")
+    add_common_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = args.output_folder or args.run
+
+    def work() -> int:
+        cfg, params = load_run(args.run, args.device)
+        if not Path(output).is_dir():  # checked before the work, not when writing after it
+            raise ConfigError(f"--output-folder {output} is not a directory")
+        reuse_freed_memory()
+        returns = evaluate_params(
+            cfg,
+            params,
+            num_steps=args.num_steps,
+            meta_batch_size=args.meta_batch_size,
+            num_batches=args.num_batches,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        summary = write_results(output, returns)
+        print(format_table(summary, returns.shape[0]))
+        return 0
+
+    return run_command(work, verbose=args.verbose, log_folder=output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
