@@ -1,8 +1,10 @@
 """Meta-test a trained run: ``python scripts/evaluate.py --run runs/x [--num-steps 3]
 [--meta-batch-size 40] [--num-batches 10]``.
 
-Prints the return after 0..n inner steps (mean and standard error over test tasks) and
-writes results.npz and results.csv into the run folder (or --output-folder).
+Prints the return after 0..n inner steps (mean and standard error over test tasks; the
+success rate too for envs that report success, e.g. Meta-World) and writes results.npz
+and results.csv into the run folder (or --output-folder). Test tasks come from the env's
+held-out test split where it has one (Meta-World), else from its task distribution.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from binom_rl.agents.evaluation import evaluate_params, format_table, load_run, write_results
+from binom_rl.agents.evaluation import evaluate_adaptation, format_table, load_run, write_results
 from binom_rl.config import ConfigError
 from binom_rl.runtime import reuse_freed_memory
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, params = load_run(args.run, args.device)
         reuse_freed_memory()
-        returns = evaluate_params(
+        result = evaluate_adaptation(
             cfg,
             params,
             num_steps=args.num_steps,
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = write_results(args.output_folder or args.run, returns)
-    print(format_table(summary, returns.shape[0]))
+    summary = write_results(args.output_folder or args.run, result.returns, result.success)
+    print(format_table(summary, result.returns.shape[0]))
     return 0
 
 
