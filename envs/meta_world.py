@@ -200,7 +200,7 @@ class MetaWorldEnv(gym.Env):
         order = self.np_random.permutation(len(names))
         slots = [names[order[i % len(names)]] for i in range(num_tasks)]
         drawn: dict[str, list[int]] = {}
-        for name in names:
+        for name in (n for n in names if n in slots):  # all C classes unless n < C
             count, indices = slots.count(name), by_class[name]
             # whole permutations of the class' goals: no repeat before every goal was drawn
             rounds = -(-count // len(indices))
