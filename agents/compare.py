@@ -10,6 +10,7 @@ the summary (:mod:`binom_rl.agents.compare_summary`). Folder layout under
                                     + results.npz / results.csv (binom-rl-evaluate)
     <baseline>_seed<S>/             config.yaml, baseline.json, ppo.zip, results.npz
     summary.md, summary.csv, learning_curves.png, adaptation.png
+    success_curves.png, success_adaptation.png   (envs that report success: Meta-World)
 
 Each estimator run is a separate process (``python -m binom_rl.agents.cli.train
 --torch-threads 1 --no-progress``, then ``binom_rl.agents.cli.evaluate``: the installed
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from binom_rl.agents.compare_summary import Row, aggregate, write_summary
-from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_params, write_results
+from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_adaptation, write_results
 from binom_rl.agents.sb3_baselines import BASELINES
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
 from binom_rl.checkpoint import atomic_write, load_checkpoint
@@ -398,6 +399,7 @@ def _execute_baseline(run: RunPlan, plan: Plan) -> None:
     atomic_write(folder / BASELINE_META, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     test_seed = run.seed + TEST_SEED_OFFSET
     sizes = dict(meta_batch_size=opts.eval_meta_batch_size, num_batches=opts.eval_num_batches)
+    success = None
     if run.label == "oracle":
         returns = sb.evaluate_oracle(cfg, model, seed=test_seed, **sizes)
     else:
@@ -406,10 +408,11 @@ def _execute_baseline(run: RunPlan, plan: Plan) -> None:
         else:
             params = sb.sb3_to_params(model, sb.policy_for(cfg))
         sb.save_params(params, folder / "params.pt")
-        returns = evaluate_params(
+        result = evaluate_adaptation(
             cfg, params, num_steps=opts.eval_num_steps, seed=test_seed, progress=False, **sizes
         )
-    write_results(folder, returns)
+        returns, success = result.returns, result.success
+    write_results(folder, returns, success)
 
 
 def run_comparison(options: CompareOptions) -> tuple[Plan, list[Row], list[str]]:

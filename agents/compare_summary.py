@@ -46,6 +46,15 @@ class Row:
     peak_mb: float = math.nan
     cosine: float = math.nan
     curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # envs that report success (Meta-World): success rate after 0..n test steps, the last
+    # iterations' success/step_K, and its curve; None / nan for the others
+    success_mean: list[float] | None = None
+    success_se: list[float] | None = None
+    final_success: float = math.nan
+    final_success_se: float = math.nan
+    success_curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(
+        default=None, repr=False
+    )
 
 
 def _seed_stats(values: Sequence[float]) -> tuple[float, float]:
@@ -68,16 +77,21 @@ def _mean_excluding_first(series: dict[int, float]) -> float:
     return float(np.mean([series[s] for s in steps])) if steps else math.nan
 
 
-def _adaptation(folders: list[Path], width: int) -> tuple[list[float], list[float]]:
-    """Mean and standard error over seeds of the per-seed mean return after n steps.
+def _adaptation(
+    folders: list[Path], width: int, what: str = "mean"
+) -> tuple[list[float], list[float]]:
+    """Mean and standard error over seeds of the per-seed mean return (``what="mean"``) or
+    success rate (``"success_mean"``) after n steps.
 
-    With one seed the standard error is over its test tasks (results.npz ``stderr``).
+    With one seed the standard error is over its test tasks (results.npz ``stderr`` /
+    ``success_stderr``).
     """
     means, ses = [], []
+    se_key = "stderr" if what == "mean" else "success_stderr"
     for folder in folders:
         with np.load(folder / "results.npz") as data:
-            means.append(np.asarray(data["mean"], dtype=np.float64))
-            ses.append(np.asarray(data["stderr"], dtype=np.float64))
+            means.append(np.asarray(data[what], dtype=np.float64))
+            ses.append(np.asarray(data[se_key], dtype=np.float64))
     out_mean, out_se = [math.nan] * width, [math.nan] * width
     if not means:
         return out_mean, out_se
@@ -108,10 +122,19 @@ def aggregate(plan: Plan, exclude: set[str] | frozenset[str] = frozenset()) -> l
         kind = runs[0].kind
         adapt_mean, adapt_se = _adaptation([r.folder for r in runs], width)
         row = Row(label, kind, len(runs), runs[0].env_steps, adapt_mean, adapt_se)
+        if all(_has_success(r.folder) for r in runs):
+            row.success_mean, row.success_se = _adaptation(
+                [r.folder for r in runs], width, "success_mean"
+            )
         if kind == "estimator":
             _fill_training_stats(row, runs)
         rows.append(row)
     return rows
+
+
+def _has_success(folder: Path) -> bool:
+    with np.load(folder / "results.npz") as data:
+        return "success_mean" in data.files
 
 
 def _fill_training_stats(row: Row, runs: list[RunPlan]) -> None:
@@ -134,12 +157,29 @@ def _fill_training_stats(row: Row, runs: list[RunPlan]) -> None:
     )
     cosines = [v for s in scalars for v in s.get("metagrad/cosine_to_exact", {}).values()]
     row.cosine = float(np.mean(cosines)) if cosines else math.nan
-    curves = [s.get(f"returns/step_{k}", {}) for s in scalars]
+    row.curve = _seed_curve([s.get(f"returns/step_{k}", {}) for s in scalars])
+    if all(f"success/step_{k}" in s for s in scalars):
+        series = [s[f"success/step_{k}"] for s in scalars]
+        row.final_success, row.final_success_se = _seed_stats(
+            [_window_mean(c, FINAL_WINDOW) for c in series]
+        )
+        if len(runs) == 1:
+            row.final_success_se = _seed_stats(
+                [series[0][i] for i in sorted(series[0])[-FINAL_WINDOW:]]
+            )[1]
+        row.success_curve = _seed_curve(series)
+
+
+def _seed_curve(
+    curves: list[dict[int, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(iterations, mean, standard error) over seeds at the iterations all seeds logged."""
     common = sorted(set.intersection(*(set(c) for c in curves)))
-    if common:
-        values = np.array([[c[i] for i in common] for c in curves])
-        mean, se = mean_and_stderr(values, axis=0)
-        row.curve = (np.asarray(common), mean, se)
+    if not common:
+        return None
+    values = np.array([[c[i] for i in common] for c in curves])
+    mean, se = mean_and_stderr(values, axis=0)
+    return np.asarray(common), mean, se
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -202,7 +242,29 @@ def format_summary(plan: Plan, rows: list[Row]) -> str:
         "and adapted with the same inner steps; oracle = PPO with the task parameters in "
         "the observation, 0 adaptation steps; random = policy.init_params(seed), adapted.",
     ]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + _success_table(n, k, rows)) + "\n"
+
+
+def _success_table(n: int, k: int, rows: list[Row]) -> list[str]:
+    """Markdown lines of the success-rate table, for envs that report success (else none)."""
+    rows = [row for row in rows if row.success_mean is not None]
+    if not rows:
+        return []
+    head = ["method", *(f"{s} step{'s' if s != 1 else ''}" for s in range(n + 1))]
+    head.append(f"final train success (step {k})")
+    lines = ["", "Success rate (fraction of episodes with info['success'] at some step):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.label]
+        cells += [_fmt(m, s) for m, s in zip(row.success_mean, row.success_se, strict=True)]
+        cells.append(_fmt(row.final_success, row.final_success_se))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Success after n steps: on the same test tasks as the returns; final train success: "
+        f"success/step_{k} over the last {FINAL_WINDOW} meta-iterations.",
+    ]
+    return lines
 
 
 def write_summary(plan: Plan, rows: list[Row]) -> None:
@@ -221,6 +283,10 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
         "peak_mb",
         "cosine_to_exact",
     ]
+    with_success = any(row.success_mean is not None for row in rows)
+    if with_success:
+        fields += [f"success_step_{s}{se}" for s in range(n + 1) for se in ("", "_se")]
+        fields += ["final_success", "final_success_se"]
     with open(folder / "summary.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
@@ -236,8 +302,15 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
                 _num(row.peak_mb, 1),
                 _num(row.cosine, 6),
             ]
+            if with_success:
+                success = zip(row.success_mean or [math.nan] * (n + 1),
+                              row.success_se or [math.nan] * (n + 1), strict=True)  # fmt: skip
+                values += [_num(x, 4) for pair in success for x in pair]
+                values += [_num(row.final_success, 4), _num(row.final_success_se, 4)]
             writer.writerow(values)
     _plot(plan, rows)
+    if with_success:
+        _plot_success(plan, rows)
 
 
 def _plot(plan: Plan, rows: list[Row]) -> None:
@@ -281,4 +354,50 @@ def _plot(plan: Plan, rows: list[Row]) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(plan.folder / "adaptation.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_success(plan: Plan, rows: list[Row]) -> None:
+    """success_curves.png (success/step_K over meta-training) and success_adaptation.png
+    (success rate after n test steps), for the rows whose env reports success."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = plan.runs[0].cfg.num_steps if plan.runs else 0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        if row.success_curve is None:
+            continue
+        x, mean, se = row.success_curve
+        (line,) = ax.plot(x, mean, label=row.label)
+        ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"success/step_{k} (post-adaptation)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("meta-training success rate: mean ± s.e. over seeds")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(plan.folder / "success_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = np.arange(plan.options.eval_num_steps + 1)
+    for row in rows:
+        if row.success_mean is None:
+            continue
+        style = ":" if row.kind == "baseline" else "-"
+        ax.errorbar(steps, row.success_mean, yerr=row.success_se, marker="o", capsize=3,
+                    linestyle=style, label=row.label)  # fmt: skip
+    ax.set_xticks(steps)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("adaptation steps at test time")
+    ax.set_ylabel("success rate")
+    ax.set_title("test-time adaptation: success rate, mean ± s.e.")
+    if ax.lines or ax.containers:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(plan.folder / "success_adaptation.png", dpi=120)
     plt.close(fig)

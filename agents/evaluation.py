@@ -1,16 +1,19 @@
 """Meta-test protocol: sample test tasks, adapt with the training inner step, report returns.
 
 For ``num_batches`` batches of ``meta_batch_size`` test tasks (seeds disjoint from
-training), sample ``fast-batch-size`` episodes with phi_0 = theta, take the inner
-policy-gradient step, sample again, ... up to ``num_steps`` steps. The result is the mean
-undiscounted return of each task after n = 0..num_steps steps, summarised as mean and
-standard error over tasks (the MAML paper's table).
+training; the env's held-out test split where it has one, e.g. Meta-World's), sample
+``fast-batch-size`` episodes with phi_0 = theta, take the inner policy-gradient step,
+sample again, ... up to ``num_steps`` steps. The result is the mean undiscounted return
+of each task after n = 0..num_steps steps, summarised as mean and standard error over
+tasks (the MAML paper's table), and for envs that report success (Meta-World) the
+fraction of each task's episodes that succeeded.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,14 @@ def load_run(run: str | os.PathLike, device: str | None = None) -> tuple[Config,
     return cfg, params
 
 
+@dataclass
+class Evaluation:
+    """Per test task (rows) and number of inner steps (columns, 0..num_steps)."""
+
+    returns: np.ndarray  # mean return of the task's episodes
+    success: np.ndarray | None = None  # fraction of them that succeeded; None: env has none
+
+
 def evaluate_params(
     cfg: Config,
     params: dict[str, torch.Tensor],
@@ -49,7 +60,26 @@ def evaluate_params(
     seed: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Returns [num_batches * meta_batch_size, num_steps + 1]: mean return per task and step."""
+    """Returns [num_batches * meta_batch_size, num_steps + 1]: mean return per task and step
+    (:func:`evaluate_adaptation`'s returns)."""
+    return evaluate_adaptation(
+        cfg, params, num_steps=num_steps, meta_batch_size=meta_batch_size,
+        num_batches=num_batches, seed=seed, progress=progress,
+    ).returns  # fmt: skip
+
+
+def evaluate_adaptation(
+    cfg: Config,
+    params: dict[str, torch.Tensor],
+    *,
+    num_steps: int,
+    meta_batch_size: int,
+    num_batches: int,
+    seed: int | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Returns and success rates [num_batches * meta_batch_size, num_steps + 1] of the test
+    tasks (module doc)."""
     for name, value in (
         ("num_steps", num_steps),
         ("meta_batch_size", meta_batch_size),
@@ -58,56 +88,77 @@ def evaluate_params(
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     seed = cfg.seed + TEST_SEED_OFFSET if seed is None else seed
-    rows = []
+    returns, success = [], []
     with open_sampler(cfg) as sampler:
         learner = MetaLearner(cfg, sampler)
         for batch in tqdm(range(num_batches), desc="evaluate", disable=not progress):
-            tasks = sampler.sample_tasks(meta_batch_size, seed=derive_seed(seed, batch, 0))
+            tasks = sampler.sample_tasks(
+                meta_batch_size, seed=derive_seed(seed, batch, 0), split="test"
+            )
             result = learner.adapt(params, tasks, num_steps, seed=derive_seed(seed, batch, 1))
-            per_step = [eps.returns.mean(dim=1).cpu().numpy() for eps in result.episodes]
-            rows.append(np.stack(per_step, axis=1))
-    return np.concatenate(rows, axis=0)
+            returns.append(np.stack([e.returns.mean(dim=1).cpu().numpy()
+                                     for e in result.episodes], axis=1))  # fmt: skip
+            if result.episodes[0].successes is not None:
+                success.append(np.stack([e.successes.double().mean(dim=1).cpu().numpy()
+                                         for e in result.episodes], axis=1))  # fmt: skip
+    return Evaluation(np.concatenate(returns), np.concatenate(success) if success else None)
 
 
-def summarize(returns: np.ndarray) -> list[dict[str, float]]:
-    """Mean and standard error over tasks of the return after each number of steps."""
+def summarize(returns: np.ndarray, success: np.ndarray | None = None) -> list[dict[str, float]]:
+    """Mean and standard error over tasks of the return (and of the success rate, where
+    given) after each number of steps."""
     mean, stderr = mean_and_stderr(returns, axis=0)
-    return [
+    rows = [
         {"step": float(k), "mean_return": float(m), "stderr": float(s)}
         for k, (m, s) in enumerate(zip(mean, stderr, strict=True))
     ]
+    if success is not None:
+        rate, rate_se = mean_and_stderr(success, axis=0)
+        for row, r, s in zip(rows, rate, rate_se, strict=True):
+            row.update(success_rate=float(r), success_stderr=float(s))
+    return rows
 
 
-def write_results(folder: str | os.PathLike, returns: np.ndarray) -> list[dict[str, float]]:
-    """results.npz (per-task returns) and results.csv (the summary table) in ``folder``."""
+def write_results(
+    folder: str | os.PathLike, returns: np.ndarray, success: np.ndarray | None = None
+) -> list[dict[str, float]]:
+    """results.npz (per-task returns and success rates) and results.csv (the summary table)
+    in ``folder``."""
     folder = Path(folder)
-    summary = summarize(returns)
-    np.savez(
-        folder / "results.npz",
-        returns=returns,
-        mean=[r["mean_return"] for r in summary],
-        stderr=[r["stderr"] for r in summary],
-    )
+    summary = summarize(returns, success)
+    arrays = {
+        "returns": returns,
+        "mean": [r["mean_return"] for r in summary],
+        "stderr": [r["stderr"] for r in summary],
+    }
+    fields = ["step", "mean_return", "stderr"]
+    if success is not None:
+        arrays.update(
+            success=success,
+            success_mean=[r["success_rate"] for r in summary],
+            success_stderr=[r["success_stderr"] for r in summary],
+        )
+        fields += ["success_rate", "success_stderr"]
+    np.savez(folder / "results.npz", **arrays)
     with open(folder / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "mean_return", "stderr"])
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in summary:
-            writer.writerow(
-                {
-                    "step": int(row["step"]),
-                    "mean_return": f"{row['mean_return']:.4f}",
-                    "stderr": f"{row['stderr']:.4f}",
-                }
-            )
+            writer.writerow({k: int(row[k]) if k == "step" else f"{row[k]:.4f}" for k in fields})
     return summary
 
 
 def format_table(summary: list[dict[str, float]], num_tasks: int) -> str:
+    with_success = "success_rate" in summary[0]
+    what = "return and success rate" if with_success else "return"
     lines = [
-        f"return after n inner steps, mean +- standard error over {num_tasks} test tasks",
-        "| steps | mean return | std. error |",
-        "|---|---|---|",
+        f"{what} after n inner steps, mean +- standard error over {num_tasks} test tasks",
+        "| steps | mean return | std. error |" + (" success rate | std. error |" * with_success),
+        "|---|---|---|" + ("---|---|" * with_success),
     ]
     for row in summary:
-        lines.append(f"| {int(row['step'])} | {row['mean_return']:.2f} | {row['stderr']:.2f} |")
+        line = f"| {int(row['step'])} | {row['mean_return']:.2f} | {row['stderr']:.2f} |"
+        if with_success:
+            line += f" {row['success_rate']:.3f} | {row['success_stderr']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)

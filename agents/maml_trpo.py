@@ -556,6 +556,8 @@ class MetaLearner:
         t2 = time.perf_counter()
         for k, eps in enumerate(adaptation.episodes):
             metrics[f"returns/step_{k}"] = float(eps.returns.mean())
+            if eps.successes is not None:  # fraction of the episodes that succeeded
+                metrics[f"success/step_{k}"] = float(eps.successes.float().mean())
         metrics["time/sampling_s"] = t1 - t0
         metrics["time/meta_step_s"] = t2 - t1
         metrics["memory/peak_mb"] = peak_memory_mb(self.device)

@@ -270,7 +270,9 @@ def evaluate_oracle(
         params = sb3_to_params(model, policy)
         rows = []
         for batch in range(num_batches):
-            tasks = sampler.sample_tasks(meta_batch_size, seed=derive_seed(seed, batch, 0))
+            tasks = sampler.sample_tasks(
+                meta_batch_size, seed=derive_seed(seed, batch, 0), split="test"
+            )
             feats = torch.as_tensor(np.stack([task_features(t) for t in tasks]))
 
             def act(obs: Tensor, generator: torch.Generator, feats: Tensor = feats) -> Tensor:

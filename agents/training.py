@@ -206,11 +206,14 @@ def _loop(
                 writer.add_scalar(tag, value, iteration)
             writer.flush()
             k = cfg.num_steps
-            bar.set_postfix(
-                pre=f"{metrics['returns/step_0']:.1f}",
-                post=f"{metrics[f'returns/step_{k}']:.1f}",
-                kl=f"{metrics['train/kl']:.4f}",
-            )
+            postfix = {
+                "pre": f"{metrics['returns/step_0']:.1f}",
+                "post": f"{metrics[f'returns/step_{k}']:.1f}",
+                "kl": f"{metrics['train/kl']:.4f}",
+            }
+            if f"success/step_{k}" in metrics:
+                postfix["success"] = f"{metrics[f'success/step_{k}']:.2f}"
+            bar.set_postfix(postfix)
     finally:
         bar.close()
         writer.close()

@@ -1,4 +1,5 @@
-"""Sampler throughput benchmark: MultiTaskSampler vs physics limit vs gymnasium vector envs.
+"""Sampler throughput benchmark: MultiTaskSampler vs one env x cores, the physics limit and
+gymnasium vector envs.
 
 All figures are env steps per second (one env step = ``frame_skip`` physics substeps),
 measured in the same process run, with a (64, 64) tanh Gaussian MLP policy choosing
@@ -10,9 +11,14 @@ every action (plain torch, one batched forward per time step):
   episode masks). A first ``sample`` call with the same tasks warms up (it builds the
   workers' batch envs, which MAML-RL reuses for the K + 1 sample calls of a
   meta-step); the second one is timed.
-- **physics limit**: ``mujoco.mj_step`` on one MjData of the env's model in a tight loop
-  on one thread, ``rate / frame_skip x cores``: what perfect parallel stepping with
-  zero overhead (no policy, no observations) would reach.
+- **one env x cores**: one gymnasium env of the family (one task) stepped in a tight loop
+  with fixed random actions, resets included, no policy, ``rate x cores``: what perfect
+  parallel stepping of that env would reach. The reference for envs stepped in Python
+  (Meta-World), where the physics is a small part of a step.
+- **physics limit** (envs with a MuJoCo ``model`` and ``frame_skip``): ``mujoco.mj_step``
+  on one MjData of the env's model in a tight loop on one thread, ``rate / frame_skip x
+  cores``: what perfect parallel stepping with zero overhead (no policy, no observations)
+  would reach.
 - **gymnasium SyncVectorEnv / AsyncVectorEnv** over the same env id and tasks (a
   subset: ``vec_envs`` envs for ``vec_steps`` steps), same policy in the loop.
 """
@@ -84,9 +90,12 @@ def measure_sampler(
     horizon: int,
     num_workers: int,
     seed: int = 0,
+    env_kwargs: dict | None = None,
 ) -> Measurement:
     """Env steps/s of ``MultiTaskSampler.sample`` (second call; the first warms up)."""
-    with MultiTaskSampler(env_id, num_workers=num_workers, max_episode_steps=horizon) as sampler:
+    with MultiTaskSampler(
+        env_id, num_workers=num_workers, max_episode_steps=horizon, env_kwargs=env_kwargs
+    ) as sampler:
         tasks = sampler.sample_tasks(num_tasks, seed=seed)
         sampler.sample(tasks, policy.act, batch_size, seed=seed)
         start = time.perf_counter()
@@ -95,6 +104,47 @@ def measure_sampler(
     steps = int(episodes.mask.sum().item())
     note = f"{num_tasks} tasks x {batch_size} episodes x {horizon} steps"
     return Measurement(f"MultiTaskSampler (num_workers={num_workers})", steps, seconds, note)
+
+
+def measure_single_env(
+    env_id: str,
+    task: dict,
+    cores: int,
+    horizon: int,
+    seconds: float = 1.0,
+    env_kwargs: dict | None = None,
+) -> Measurement:
+    """One env's step rate on ``task`` (fixed random actions, a reset every ``horizon``
+    steps, timed too), as env steps/s x ``cores``."""
+    env = gym.make(env_id, **(env_kwargs or {})).unwrapped
+    env.reset_task(task)
+    space = env.action_space
+    space.seed(0)
+    actions = [space.sample() for _ in range(256)]
+    env.reset(seed=0)
+    for action in actions[:20]:  # warm caches
+        env.step(action)
+    steps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        env.reset(seed=steps)
+        for h in range(horizon):
+            env.step(actions[h % len(actions)])
+        steps += horizon
+    env.close()
+    per_core = steps / elapsed
+    note = f"{per_core:,.0f} env-steps/s of one env x {cores}"
+    return Measurement("one env x cores", int(round(per_core * cores * elapsed)), elapsed, note)
+
+
+def has_physics_limit(env_id: str, env_kwargs: dict | None = None) -> bool:
+    """Whether the env exposes a MuJoCo ``model`` and ``frame_skip`` to time mj_step on."""
+    env = gym.make(env_id, **(env_kwargs or {})).unwrapped
+    try:
+        return isinstance(getattr(env, "model", None), mujoco.MjModel) and hasattr(
+            env, "frame_skip"
+        )
+    finally:
+        env.close()
 
 
 def measure_physics_limit(env_id: str, cores: int, seconds: float = 1.0) -> Measurement:
@@ -115,8 +165,8 @@ def measure_physics_limit(env_id: str, cores: int, seconds: float = 1.0) -> Meas
     return Measurement("physics limit", int(round(per_core * cores * elapsed)), elapsed, note)
 
 
-def _make_task_env(env_id: str, task: dict, horizon: int) -> gym.Env:
-    env = gym.make(env_id, max_episode_steps=horizon)
+def _make_task_env(env_id: str, task: dict, horizon: int, env_kwargs: dict) -> gym.Env:
+    env = gym.make(env_id, max_episode_steps=horizon, **env_kwargs)
     env.unwrapped.reset_task(task)
     return env
 
@@ -128,9 +178,11 @@ def measure_vector_env(
     num_steps: int,
     asynchronous: bool,
     horizon: int,
+    env_kwargs: dict | None = None,
 ) -> Measurement:
     """Env steps/s of a gymnasium Sync/AsyncVectorEnv (one env per task), policy in the loop."""
-    fns = [functools.partial(_make_task_env, env_id, task, horizon) for task in tasks]
+    fns = [functools.partial(_make_task_env, env_id, task, horizon, env_kwargs or {})
+           for task in tasks]  # fmt: skip
     cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     # SAME_STEP autoreset: no ignored actions or zero-reward steps after an episode ends.
     vec = cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -158,68 +210,90 @@ def run_benchmark(
     vec_steps: int = 200,
     physics_seconds: float = 2.0,
     extra_in_process: bool = True,
+    env_kwargs: dict | None = None,
 ) -> dict:
-    """All measurements of one run; see the module docstring."""
+    """All measurements of one run; see the module docstring. ``physics`` is None (and
+    ``ratio_physics`` nan) for envs without a MuJoCo model to time."""
     torch.manual_seed(0)
     # One intra-op thread: the (64, 64) MLP gains nothing from more at these batch sizes,
     # and extra threads would compete with MuJoCo's rollout pool and the vector envs.
     torch.set_num_threads(1)
     cores = available_cores()
     num_workers = cores if num_workers is None else num_workers
-    probe = gym.make(env_id)
+    env_kwargs = dict(env_kwargs or {})
+    probe = gym.make(env_id, **env_kwargs)
     policy = TanhGaussianMLP(probe.observation_space.shape[0], probe.action_space.shape[0])
     probe.reset(seed=0)
     vec_tasks = probe.unwrapped.sample_tasks(vec_envs)
     probe.close()
 
-    physics = measure_physics_limit(env_id, cores, physics_seconds)
-    sampler = measure_sampler(env_id, policy, num_tasks, batch_size, horizon, num_workers)
+    single = measure_single_env(env_id, vec_tasks[0], cores, horizon, physics_seconds,
+                                env_kwargs)  # fmt: skip
+    physics = None
+    if has_physics_limit(env_id, env_kwargs):
+        physics = measure_physics_limit(env_id, cores, physics_seconds)
+    measure = functools.partial(measure_sampler, env_id, policy, num_tasks, batch_size, horizon,
+                                env_kwargs=env_kwargs)  # fmt: skip
+    sampler = measure(num_workers)
     rows = [sampler]
     if extra_in_process and num_workers != 1:
-        rows.append(measure_sampler(env_id, policy, num_tasks, batch_size, horizon, 1))
+        rows.append(measure(1))
         # The summary reports the sampler's best configuration, as it does for gymnasium.
         sampler = max(rows, key=lambda row: row.rate)
-    sync = measure_vector_env(env_id, policy, vec_tasks, vec_steps, False, horizon)
-    asyn = measure_vector_env(env_id, policy, vec_tasks, vec_steps, True, horizon)
-    rows += [physics, sync, asyn]
+    sync = measure_vector_env(env_id, policy, vec_tasks, vec_steps, False, horizon, env_kwargs)
+    asyn = measure_vector_env(env_id, policy, vec_tasks, vec_steps, True, horizon, env_kwargs)
+    rows += [single, *([physics] if physics else []), sync, asyn]
     best_vec = max(sync.rate, asyn.rate)
     return {
         "env_id": env_id,
+        "env_kwargs": env_kwargs,
         "cores": cores,
         "rows": rows,
         "sampler": sampler,
+        "single_env": single,
         "physics": physics,
         "best_vector": best_vec,
-        "ratio_physics": sampler.rate / physics.rate,
+        "ratio_single_env": sampler.rate / single.rate,
+        "ratio_physics": sampler.rate / physics.rate if physics else float("nan"),
         "ratio_vector": sampler.rate / best_vec,
     }
 
 
 def summary_line(result: dict) -> str:
-    """``sampler: N env-steps/s = R x physics limit, S x best gymnasium vector env``.
+    """``sampler: N env-steps/s = Q x (one env x cores)[, R x physics limit], S x best
+    gymnasium vector env``.
 
-    N: the sampler's best configuration; R = N / physics limit; S = N / max(Sync, Async).
+    N: the sampler's best configuration; Q = N / (one env's rate x cores); R = N / physics
+    limit (MuJoCo envs only); S = N / max(Sync, Async).
     """
+    physics = ""
+    if result["physics"] is not None:
+        physics = f"{result['ratio_physics']:.2f} x physics limit, "
     return (
-        f"sampler: {result['sampler'].rate:.0f} env-steps/s = {result['ratio_physics']:.2f} x "
-        f"physics limit, {result['ratio_vector']:.2f} x best gymnasium vector env"
+        f"sampler: {result['sampler'].rate:.0f} env-steps/s = {result['ratio_single_env']:.2f} x "
+        f"(one env x {result['cores']} cores), {physics}"
+        f"{result['ratio_vector']:.2f} x best gymnasium vector env"
     )
 
 
 def write_markdown(result: dict, path: str | Path) -> None:
     """The measurements as a markdown table, plus the summary line."""
+    kwargs = f" {result['env_kwargs']}" if result.get("env_kwargs") else ""
     lines = [
-        f"# Sampler benchmark: {result['env_id']}",
+        f"# Sampler benchmark: {result['env_id']}{kwargs}",
         "",
         f"{result['cores']} CPU cores; env steps per second (one env step = frame_skip "
         "physics substeps); a (64, 64) tanh Gaussian MLP chooses every action.",
         "",
-        "| what | env-steps/s | x physics limit | setting |",
-        "|---|---:|---:|---|",
+        "| what | env-steps/s | x (one env x cores) | x physics limit | setting |",
+        "|---|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
-        ratio = row.rate / result["physics"].rate
-        lines.append(f"| {row.name} | {row.rate:,.0f} | {ratio:.2f} | {row.note} |")
+        single = row.rate / result["single_env"].rate
+        physics = "" if result["physics"] is None else f"{row.rate / result['physics'].rate:.2f}"
+        lines.append(
+            f"| {row.name} | {row.rate:,.0f} | {single:.2f} | {physics} | {row.note} |"
+        )
     lines += [
         "",
         f"Summary (sampler = {result['sampler'].name}):",

@@ -41,6 +41,8 @@ class Episodes:
     mask[h, t, b] = 1 while the episode is running at step h, 0 after it terminated;
     rewards, observations and actions are 0 where the mask is 0.
     returns[t, b] = sum_h rewards[h, t, b] (undiscounted), lengths[t, b] = sum_h mask[h, t, b].
+    successes[t, b]: the env reported success at some running step of the episode, for envs
+    whose batch env reports success (Meta-World); None for the others.
     """
 
     observations: torch.Tensor  # [H, T, B, obs_dim] float32
@@ -49,9 +51,13 @@ class Episodes:
     mask: torch.Tensor  # [H, T, B] float32
     returns: torch.Tensor  # [T, B] float32
     lengths: torch.Tensor  # [T, B] int64
+    successes: torch.Tensor | None = None  # [T, B] bool
 
     def to(self, device: str | torch.device) -> Episodes:
-        return Episodes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Episodes(**{
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+            for f in fields(self)
+        })
 
 
 def episode_seeds(seed: int, num_tasks: int, batch_size: int) -> list[int]:
@@ -85,13 +91,15 @@ class _WorkerCore:
             self._tasks_key = key
         return np.asarray(self.env.reset(seeds), dtype=np.float32)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        obs, reward, terminated = self.env.step(actions)
-        return (
-            np.asarray(obs, dtype=np.float32),
-            np.asarray(reward, dtype=np.float64),
-            np.asarray(terminated, dtype=bool),
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(obs, reward, terminated) and, where the batch env reports it, success."""
+        out = self.env.step(actions)
+        result = (
+            np.asarray(out[0], dtype=np.float32),
+            np.asarray(out[1], dtype=np.float64),
+            np.asarray(out[2], dtype=bool),
         )
+        return result + (np.asarray(out[3], dtype=bool),) if len(out) == 4 else result
 
     def close(self) -> None:
         if self.env is not None and callable(getattr(self.env, "close", None)):
@@ -308,12 +316,21 @@ class MultiTaskSampler:
             rescale_actions=cfg.rescale_actions,
         )
 
-    def sample_tasks(self, num_tasks: int, seed: int) -> list[dict]:
-        """num_tasks tasks from the env's task distribution; the same seed gives the same tasks."""
+    def sample_tasks(self, num_tasks: int, seed: int, split: str = "train") -> list[dict]:
+        """num_tasks tasks from the env's task distribution; the same seed gives the same tasks.
+
+        ``split="test"``: from the env's held-out test tasks where it has them
+        (``unwrapped.sample_test_tasks``, e.g. Meta-World), else from the same distribution.
+        """
         if num_tasks <= 0:
             raise ValueError(f"num_tasks must be positive, got {num_tasks}")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self._env.reset(seed=seed)
-        return self._env.unwrapped.sample_tasks(num_tasks)
+        env = self._env.unwrapped
+        if split == "test" and callable(getattr(env, "sample_test_tasks", None)):
+            return env.sample_test_tasks(num_tasks)
+        return env.sample_tasks(num_tasks)
 
     def sample(
         self, tasks: Sequence[dict], act_fn: ActFn, batch_size: int, *, seed: int
@@ -353,6 +370,7 @@ class MultiTaskSampler:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(seed))
             alive = np.ones(N, dtype=bool)
+            succeeded: np.ndarray | None = None  # [N] bool, for batch envs that report success
             mask = np.zeros((H, N), dtype=np.float32)
             rewards = np.zeros((H, N), dtype=np.float32)
             obs_steps, act_steps = [], []
@@ -375,6 +393,10 @@ class MultiTaskSampler:
                 pending = False
                 obs = np.concatenate([r[0] for r in results])
                 rewards[h] = np.where(alive, np.concatenate([r[1] for r in results]), 0.0)
+                if len(results[0]) == 4:  # success on the step an episode ends still counts
+                    if succeeded is None:
+                        succeeded = np.zeros(N, dtype=bool)
+                    succeeded |= alive & np.concatenate([r[3] for r in results])
                 alive &= ~np.concatenate([r[2] for r in results])
                 if not alive.any():  # all episodes over: the remaining steps stay masked
                     break
@@ -383,7 +405,7 @@ class MultiTaskSampler:
                 self.close()
             raise
 
-        return self._assemble(obs_steps, act_steps, rewards, mask, T, B)
+        return self._assemble(obs_steps, act_steps, rewards, mask, succeeded, T, B)
 
     def _check_actions(self, actions: Any, T: int, B: int) -> torch.Tensor:
         if not isinstance(actions, torch.Tensor):
@@ -393,7 +415,9 @@ class MultiTaskSampler:
             raise ValueError(f"act_fn returned shape {tuple(actions.shape)}, expected {expected}")
         return actions.long() if not self._act_shape else actions.float()
 
-    def _assemble(self, obs_steps, act_steps, rewards, mask, T: int, B: int) -> Episodes:
+    def _assemble(
+        self, obs_steps, act_steps, rewards, mask, succeeded, T: int, B: int
+    ) -> Episodes:
         H = self.horizon
         if len(obs_steps) < H:  # steps after every episode ended: zeros
             obs_steps += [torch.zeros_like(obs_steps[0])] * (H - len(obs_steps))
@@ -410,6 +434,8 @@ class MultiTaskSampler:
             mask=torch.from_numpy(mask).to(self.device).view(H, T, B),
             returns=torch.from_numpy(rewards.sum(0)).to(self.device).view(T, B),
             lengths=torch.from_numpy(mask.sum(0).astype(np.int64)).to(self.device).view(T, B),
+            successes=None if succeeded is None
+            else torch.from_numpy(succeeded).to(self.device).view(T, B),
         )
 
     def close(self) -> None:

@@ -22,6 +22,10 @@ _ENVS: dict[str, tuple[str, int]] = {
     "binom_rl/Walker2dRandParams-v0": ("binom_rl.envs.rand_params:Walker2dRandParamsEnv", 200),
     "binom_rl/Bandit-v0": ("binom_rl.envs.discrete:BanditEnv", 10),
     "binom_rl/TabularMDP-v0": ("binom_rl.envs.discrete:TabularMDPEnv", 10),
+    # Meta-World (the metaworld extra; imported only when made): max_path_length 500
+    "binom_rl/MetaWorldML1-v0": ("binom_rl.envs.meta_world:MetaWorldML1Env", 500),
+    "binom_rl/MetaWorldML10-v0": ("binom_rl.envs.meta_world:MetaWorldML10Env", 500),
+    "binom_rl/MetaWorldML45-v0": ("binom_rl.envs.meta_world:MetaWorldML45Env", 500),
 }
 
 

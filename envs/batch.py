@@ -32,9 +32,10 @@ class BatchEnv(Protocol):
         ``reset_task(task_i)`` then ``reset(seed=seeds[i])``."""
         ...
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
         """(obs [N, obs_dim] float32, reward [N], terminated [N] bool), equal (to float
-        tolerance) to the gymnasium env's step for the same action."""
+        tolerance) to the gymnasium env's step for the same action. Envs with a success
+        signal (Meta-World's ``info["success"]``) append success [N] bool of this step."""
         ...
 
 

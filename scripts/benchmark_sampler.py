@@ -1,10 +1,15 @@
-"""Sampler throughput: MultiTaskSampler vs the physics limit vs gymnasium vector envs.
+"""Sampler throughput: MultiTaskSampler vs one env x cores, the physics limit and gymnasium
+vector envs.
 
     python scripts/benchmark_sampler.py            # 40 tasks x 20 episodes x 200 steps
     python scripts/benchmark_sampler.py --quick    # small sizes, a few seconds
+    python scripts/benchmark_sampler.py --env-id binom_rl/MetaWorldML1-v0 \
+        --env-kwargs "{env_name: push-v3}" --num-tasks 10 --batch-size 10 \
+        --output docs/benchmark_sampler_metaworld.md      # Meta-World (the extra)
 
 Prints one line per measurement, writes a markdown table to --output, and ends with
-``sampler: N env-steps/s = R x physics limit, S x best gymnasium vector env``.
+``sampler: N env-steps/s = Q x (one env x C cores), [R x physics limit,] S x best gymnasium
+vector env``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import yaml
 
 # The benchmark harness is the checkout's top-level package benchmarks/, not installed with
 # binom-rl (the library is binom_rl/ alone). Appended after site-packages, so that an
@@ -29,6 +36,7 @@ from benchmarks.sampler_bench import (  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-id", default="binom_rl/HalfCheetahVel-v0")
+    parser.add_argument("--env-kwargs", default="{}", help="YAML mapping, e.g. {env_name: push-v3}")
     parser.add_argument("--num-tasks", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=20, help="episodes per task")
     parser.add_argument("--horizon", type=int, default=200, help="steps per episode")
@@ -50,6 +58,12 @@ def main() -> None:
     for name in ("num_tasks", "batch_size", "horizon", "num_workers", "vec_envs", "vec_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        env_kwargs = yaml.safe_load(args.env_kwargs)
+    except yaml.YAMLError:
+        env_kwargs = None
+    if not isinstance(env_kwargs, dict):
+        parser.error(f"--env-kwargs must be a YAML mapping, got {args.env_kwargs!r}")
 
     result = run_benchmark(
         env_id=args.env_id,
@@ -60,6 +74,7 @@ def main() -> None:
         vec_envs=args.vec_envs,
         vec_steps=args.vec_steps,
         physics_seconds=args.physics_seconds,
+        env_kwargs=env_kwargs,
     )
     for row in result["rows"]:
         print(f"{row.name}: {row.rate:,.0f} env-steps/s ({row.note})")

@@ -11,8 +11,27 @@ from binom_rl.config import Config, load_yaml
 from binom_rl.envs import registered_ids
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+METAWORLD = {i for i in registered_ids() if "MetaWorld" in i}
 MUJOCO = {i for i in registered_ids() if "Navigation" not in i and "Bandit" not in i}
-MUJOCO -= {"binom_rl/TabularMDP-v0"}
+MUJOCO -= {"binom_rl/TabularMDP-v0"} | METAWORLD
+# The Meta-World authors' MAML-TRPO settings (garage's maml_trpo_metaworld_* examples)
+METAWORLD_SETTINGS = {
+    "max-episode-steps": 500,
+    "fast-lr": 0.1,
+    "num-steps": 1,
+    "num-batches": 300,
+    "max-kl": 0.01,
+    "cg-iters": 10,
+    "cg-damping": 1e-5,
+    "ls-max-steps": 15,
+    "ls-backtrack-ratio": 0.8,
+    "fvp-subsample": 1,
+    "gamma": 0.99,
+    "gae-lambda": 1.0,
+    "hidden-sizes": [100, 100],
+    "nonlinearity": "tanh",
+    "init-std": 1.0,
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -45,9 +64,16 @@ def test_config_loads_for_a_registered_env(path):
             "order": 1,
         }
         assert {k: cfg.to_dict()[k] for k in expected} == expected
+    if cfg.env_name in METAWORLD:
+        assert {k: cfg.to_dict()[k] for k in METAWORLD_SETTINGS} == METAWORLD_SETTINGS
+        batch = (cfg.meta_batch_size, cfg.fast_batch_size)
+        assert batch == ((45, 45) if "ML45" in cfg.env_name else (20, 10))
 
 
 def test_one_config_per_registered_env():
-    envs = [load_yaml(p)["env-name"] for p in CONFIGS]
+    # ML1 is one id with one config per task class (env-kwargs env_name)
+    envs = [(load_yaml(p)["env-name"], str(load_yaml(p).get("env-kwargs"))) for p in CONFIGS]
     assert sorted(envs) == sorted(set(envs)), "two configs for one env"
-    assert set(envs) == set(registered_ids())
+    assert {env for env, _ in envs} == set(registered_ids())
+    ml1 = [kwargs for env, kwargs in envs if env == "binom_rl/MetaWorldML1-v0"]
+    assert sorted(ml1) == ["{'env_name': 'push-v3'}", "{'env_name': 'reach-v3'}"]

@@ -1,8 +1,10 @@
 """Meta-test a trained run: ``binom-rl-evaluate --run runs/x [--num-steps 3]
 [--meta-batch-size 40] [--num-batches 10]`` (also ``python scripts/evaluate.py ...``).
 
-Prints the return after 0..n inner steps (mean and standard error over test tasks) and
-writes results.npz and results.csv into the run folder (or --output-folder).
+Prints the return after 0..n inner steps (mean and standard error over test tasks; the
+success rate too for envs that report success, e.g. Meta-World) and writes results.npz
+and results.csv into the run folder (or --output-folder). Test tasks come from the env's
+held-out test split where it has one (Meta-World), else from its task distribution.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 from binom_rl.agents.cli.common import add_common_flags, run_command
-from binom_rl.agents.evaluation import evaluate_params, format_table, load_run, write_results
+from binom_rl.agents.evaluation import evaluate_adaptation, format_table, load_run, write_results
 from binom_rl.config import ConfigError
 from binom_rl.runtime import reuse_freed_memory
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(output).is_dir():  # checked before the work, not when writing after it
             raise ConfigError(f"--output-folder {output} is not a directory")
         reuse_freed_memory()
-        returns = evaluate_params(
+        result = evaluate_adaptation(
             cfg,
             params,
             num_steps=args.num_steps,
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-        summary = write_results(output, returns)
-        print(format_table(summary, returns.shape[0]))
+        summary = write_results(output, result.returns, result.success)
+        print(format_table(summary, result.returns.shape[0]))
         return 0
 
     return run_command(work, verbose=args.verbose, log_folder=output)

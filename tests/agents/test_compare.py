@@ -5,6 +5,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from binom_rl.agents.compare import (
@@ -137,3 +138,34 @@ def test_parsers():
     assert parse_baselines("") == [] and parse_baselines("oracle,random") == ["oracle", "random"]
     with pytest.raises(ConfigError):
         parse_seeds("1,1")
+
+
+def test_success_rates_in_summary_and_plots_for_envs_that_report_success(
+    tmp_path, monkeypatch, tiny_argv
+):
+    helpers = str(Path(__file__).resolve().parents[1] / "helpers")
+    monkeypatch.syspath_prepend(helpers)  # this process plans; train.py / evaluate.py
+    monkeypatch.setenv("PYTHONPATH", helpers)  # run in subprocesses
+    tiny = [*tiny_argv, "--env-name", "binom_rl_test_envs:SuccessPointGoal-v0"]  # last wins
+    rc = compare_script.main(["--estimators", "fomaml", "--baselines", "random", *tiny,
+                              "--output-folder", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    for name in ("success_curves.png", "success_adaptation.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+    with open(tmp_path / "summary.csv") as fh:
+        by = {r["method"]: r for r in csv.DictReader(fh)}
+    for method in ("fomaml", "random"):
+        with np.load(tmp_path / f"{method}_seed0" / "results.npz") as results:
+            expected = results["success_mean"]  # one seed: the row is that seed's rates
+        got = [float(by[method][f"success_step_{k}"]) for k in range(3)]
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert 0 <= float(by["fomaml"]["final_success"]) <= 1 and by["random"]["final_success"] == ""
+    md = (tmp_path / "summary.md").read_text()
+    assert "| method | 0 steps | 1 step | 2 steps | final train success (step 1) |" in md
+
+
+def test_no_success_columns_for_returns_only_envs(comparison):
+    with open(comparison / "summary.csv") as fh:
+        assert not any("success" in name for name in next(csv.reader(fh)))
+    assert not (comparison / "success_curves.png").exists()
+    assert "Success rate" not in (comparison / "summary.md").read_text()

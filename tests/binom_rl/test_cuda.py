@@ -84,9 +84,12 @@ def _tiny_config(device: str, **overrides) -> Config:
     return Config(**raw)
 
 
-def _to(x: torch.Tensor, device: str) -> torch.Tensor:
+def _to(x: torch.Tensor | None, device: str) -> torch.Tensor | None:
     """On ``device``, floating tensors in float64: the TRPO step solves an ill-conditioned
-    system by CG, where float32 rounding differences between devices grow to percents."""
+    system by CG, where float32 rounding differences between devices grow to percents.
+    None (Episodes.successes of envs without success) stays None."""
+    if x is None:
+        return None
     return x.to(device, torch.float64) if x.is_floating_point() else x.to(device)
 
 

@@ -76,7 +76,8 @@ def uniform_act_1d(obs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 def assert_episodes_equal(a: Episodes, b: Episodes) -> None:
     for name in vars(a):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
 
 
 def test_navigation_shapes_and_rewards_by_hand():
@@ -184,6 +185,48 @@ def test_early_termination_is_masked(user_env_id):
     assert torch.equal(inside[:, 0], steps.expand(H, 6, 3)[ep.mask == 1].float())
     noise = ep.observations[0, :, :, 2]
     assert len(noise.unique()) == 18  # one reset seed per episode
+
+
+SUCCESS_ENV = "binom_rl_test_envs:SuccessPointGoal-v0"
+
+
+@pytest.fixture
+def helper_envs_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
+
+
+def test_success_is_any_running_step_and_matches_across_workers(helper_envs_on_path):
+    with MultiTaskSampler(SUCCESS_ENV) as local:
+        tasks = local.sample_tasks(6, seed=0)
+        ep = local.sample(tasks, uniform_act_1d, batch_size=4, seed=3)
+    with MultiTaskSampler(SUCCESS_ENV, num_workers=2) as sampler:
+        assert_episodes_equal(sampler.sample(tasks, uniform_act_1d, batch_size=4, seed=3), ep)
+    # by hand: x_h = 0.1 * sum_{i <= h} clip(a_i); success at step h: |x_h - goal| < 0.05,
+    # counted only for the steps h < end the episode runs
+    x = 0.1 * np.cumsum(np.clip(ep.actions[..., 0].double().numpy(), -1, 1), axis=0)
+    goals = np.array([t["goal"] for t in tasks])[None, :, None]
+    ends = np.array([t["end"] for t in tasks])[None, :, None]
+    running = np.arange(10)[:, None, None] < ends
+    expected = ((np.abs(x - goals) < 0.05) & running).any(axis=0)
+    assert ep.successes.dtype == torch.bool and ep.successes.shape == (6, 4)
+    assert np.array_equal(ep.successes.numpy(), expected)
+    assert 0 < expected.sum() < expected.size  # the check sees both outcomes
+    # returns-only envs: no success
+    with MultiTaskSampler(NAV, max_episode_steps=3) as nav:
+        assert nav.sample(nav.sample_tasks(1, seed=0), gaussian_act, 1, seed=0).successes is None
+
+
+def test_test_split_uses_sample_test_tasks_where_the_env_has_it(helper_envs_on_path):
+    with MultiTaskSampler(SUCCESS_ENV) as sampler:
+        train = sampler.sample_tasks(20, seed=0)
+        test = sampler.sample_tasks(20, seed=0, split="test")
+        assert all(t["goal"] < 0 for t in train) and all(t["goal"] > 0 for t in test)
+        assert test == sampler.sample_tasks(20, seed=0, split="test")
+        with pytest.raises(ValueError, match="split"):
+            sampler.sample_tasks(2, seed=0, split="validation")
+    with MultiTaskSampler(NAV) as nav:  # no held-out split: the same distribution
+        a, b = nav.sample_tasks(3, seed=4), nav.sample_tasks(3, seed=4, split="test")
+        assert all(np.array_equal(x["goal"], y["goal"]) for x, y in zip(a, b, strict=True))
 
 
 def test_callable_entry_point_env_in_process(user_env_id):

@@ -1,6 +1,7 @@
 """User-code task envs for the `module:EnvId-v0` tests: importing this module registers
-``PointGoal-v0`` (implements the MAML-RL task protocol), ``NoTasks-v0`` (does not) and
-``UnboundedActions-v0`` (an infinite action Box, which cannot be rescaled).
+``PointGoal-v0`` (implements the MAML-RL task protocol), ``NoTasks-v0`` (does not),
+``UnboundedActions-v0`` (an infinite action Box, which cannot be rescaled) and
+``SuccessPointGoal-v0`` (a batch env that reports success, with a held-out test split).
 
 Run with this folder on sys.path / PYTHONPATH: ``binom_rl_test_envs:PointGoal-v0``.
 """
@@ -53,10 +54,76 @@ class UnboundedActionsEnv(PointGoalEnv):
         self.action_space = spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
 
 
+class SuccessPointGoalEnv(PointGoalEnv):
+    """PointGoal that succeeds while |x - goal| < 0.05 (``info["success"]``) and terminates
+    after ``end`` steps. Training goals lie in [-0.3, 0), test goals in (0, 0.3]."""
+
+    SUCCESS_RADIUS = 0.05
+
+    def __init__(self):
+        super().__init__()
+        self._end, self._t = 10, 0
+
+    def _tasks(self, num_tasks: int, sign: float) -> list[dict]:
+        goals = sign * self.np_random.uniform(0.01, 0.3, size=num_tasks)
+        ends = self.np_random.integers(2, 12, size=num_tasks)
+        return [{"goal": float(g), "end": int(e)} for g, e in zip(goals, ends, strict=True)]
+
+    def sample_tasks(self, num_tasks: int) -> list[dict]:
+        return self._tasks(num_tasks, -1.0)
+
+    def sample_test_tasks(self, num_tasks: int) -> list[dict]:
+        return self._tasks(num_tasks, 1.0)
+
+    def reset_task(self, task: dict) -> None:
+        super().reset_task(task)
+        self._end = int(task["end"])
+
+    def reset(self, *, seed=None, options=None):
+        self._t = 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, reward, _, _, _ = super().step(action)
+        self._t += 1
+        success = abs(float(obs[0]) - self._goal) < self.SUCCESS_RADIUS
+        return obs, reward, self._t >= self._end, False, {"success": float(success)}
+
+    def make_batch_env(self, tasks: list[dict]) -> SuccessBatchEnv:
+        return SuccessBatchEnv(tasks)
+
+
+class SuccessBatchEnv:
+    """One SuccessPointGoalEnv per task; step appends info["success"] as a 4th array."""
+
+    def __init__(self, tasks: list[dict]):
+        self.envs = [SuccessPointGoalEnv() for _ in tasks]
+        for env, task in zip(self.envs, tasks, strict=True):
+            env.reset_task(task)
+        self.num_envs = len(self.envs)
+        self.observation_space = self.envs[0].observation_space
+        self.action_space = self.envs[0].action_space
+
+    def reset(self, seeds):
+        return np.stack([env.reset(seed=int(s))[0] for env, s in zip(self.envs, seeds,
+                                                                    strict=True)])
+
+    def step(self, actions):
+        # the sampler masks what ended envs report, so stepping them on does no harm here
+        out = [env.step(a) for env, a in zip(self.envs, actions, strict=True)]
+        return (
+            np.stack([o[0] for o in out]),
+            np.array([o[1] for o in out]),
+            np.array([o[2] for o in out]),
+            np.array([o[4]["success"] > 0 for o in out]),
+        )
+
+
 for _id, _cls in (
     ("PointGoal-v0", PointGoalEnv),
     ("NoTasks-v0", NoTasksEnv),
     ("UnboundedActions-v0", UnboundedActionsEnv),
+    ("SuccessPointGoal-v0", SuccessPointGoalEnv),
 ):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls, max_episode_steps=10)

@@ -504,3 +504,56 @@ def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_p
     resume = ["--output-folder", str(folder), "--resume", *QUIET, "--num-batches", str(done + 1)]
     assert train_cli.main(resume) == 0
     assert load_checkpoint(folder / "policy.pt")["iteration"] == done + 1
+
+
+def test_success_tags_and_evaluate_success_column_on_the_test_split(
+    tmp_path, capsys, monkeypatch, tiny_argv
+):
+    monkeypatch.syspath_prepend(str(HELPERS))
+    import binom_rl_test_envs as helper_envs
+
+    folder = tmp_path / "run"
+    # the tiny run's sizes (its horizon 10 is the env's own) on an env that reports success
+    argv = [*tiny_argv, "--env-name", "binom_rl_test_envs:SuccessPointGoal-v0"]
+    assert train_cli.main([*argv, "--output-folder", str(folder)]) == 0
+    from binom_rl.agents.training import read_scalars
+
+    scalars = read_scalars(folder)
+    for k in (0, 1):  # fraction of the 3 x 4 episodes: a multiple of 1/12 in [0, 1]
+        values = np.array(list(scalars[f"success/step_{k}"].values()))
+        assert len(values) == 2 and np.allclose(values * 12, np.round(values * 12))
+        assert ((0 <= values) & (values <= 1)).all()
+
+    drawn = []
+    original = helper_envs.SuccessPointGoalEnv.sample_test_tasks
+
+    def spy(self, num_tasks):
+        tasks = original(self, num_tasks)
+        drawn.extend(tasks)
+        return tasks
+
+    monkeypatch.setattr(helper_envs.SuccessPointGoalEnv, "sample_test_tasks", spy)
+    capsys.readouterr()
+    argv = ["--run", str(folder), "--num-steps", "1", "--meta-batch-size", "5"]
+    assert evaluate_cli.main([*argv, "--num-batches", "2", "--no-progress"]) == 0
+    assert len(drawn) == 10 and all(t["goal"] > 0 for t in drawn)  # the held-out split
+    printed = capsys.readouterr().out
+    assert "| steps | mean return | std. error | success rate | std. error |" in printed
+    with np.load(folder / "results.npz") as results:
+        success = results["success"]
+        assert success.shape == (10, 2) and np.allclose(success * 4, np.round(success * 4))
+        np.testing.assert_allclose(results["success_mean"], success.mean(0))
+    with open(folder / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(rows[0]) == {"step", "mean_return", "stderr", "success_rate", "success_stderr"}
+    assert [float(r["success_rate"]) for r in rows] == pytest.approx(success.mean(0), abs=1e-4)
+
+
+def test_metaworld_without_the_extra_exit_2_nothing_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # as if not installed
+    folder = tmp_path / "run"
+    config = str(ROOT / "configs" / "metaworld-ml1-reach.yaml")
+    assert train_cli.main(["--config", config, "--output-folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "[metaworld]" in err[0], err
+    assert not folder.exists()
