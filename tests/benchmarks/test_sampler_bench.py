@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from binom_rl.benchmarks.sampler_bench import run_benchmark, summary_line, write_markdown
+from benchmarks.sampler_bench import run_benchmark, summary_line, write_markdown
 
 TINY = dict(num_tasks=2, batch_size=2, horizon=10, num_workers=2, vec_envs=2, vec_steps=10,
             physics_seconds=0.05)  # fmt: skip
