@@ -64,7 +64,10 @@ def prepare_run(
 
 
 # Keys a resumed run may change; any other change would silently alter the run.
-RESUMABLE_KEYS = ("num_batches", "device", "num_workers", "diagnose_every", "chunk_size")
+RESUMABLE_KEYS = (
+    "num_batches", "device", "num_workers", "diagnose_every", "chunk_size", "sampler",
+    "ray_address",
+)
 
 
 def _check_resumable(saved: Config, cfg: Config) -> None:

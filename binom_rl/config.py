@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
+SAMPLERS = ("local", "ray")
 
 # Keys added after runs were first saved, with the behaviour those runs had (whatever the
 # default is today).
@@ -85,6 +86,11 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 1
+    # where the sampler's num-workers workers run (docs/distributed.md): local, processes
+    # on this machine; ray, Ray actors on this machine or a cluster. ray-address: null
+    # starts Ray here unless RAY_ADDRESS is set; auto or host:port joins a running cluster.
+    sampler: str = "local"
+    ray_address: str | None = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -189,6 +195,19 @@ class Config:
             raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        self._check_sampler()
+
+    def _check_sampler(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.ray_address is not None:
+            if self.sampler != "ray":
+                raise ConfigError(
+                    f"ray-address {self.ray_address!r} needs sampler: ray (sampler is "
+                    f"{self.sampler!r}; --ray-address null unsets it)"
+                )
+            if not self.ray_address.strip():
+                raise ConfigError("ray-address must be 'auto', 'host:port' or null, got ''")
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
         if method in ("trunc", "binom"):
