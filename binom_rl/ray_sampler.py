@@ -128,10 +128,13 @@ class _SamplerActor:
 # as an error, not as a fresh actor answering the next command.
 _RemoteActor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_SamplerActor)
 
-# Actors of closed samplers, kept for the next sampler of this process (an actor is a
-# worker process that imports torch: seconds to start). Each keeps one CPU reserved
-# until Ray shuts down or :func:`release_idle_actors` ends them.
-_idle: dict[str, list] = {"job": [], "actors": []}
+#: Keep the actors of closed samplers for the next sampler of this process instead of
+#: ending them (an actor is a worker process that imports torch: seconds to start). Off by
+#: default, because each idle actor keeps its CPU reserved, which would leave other Ray
+#: work of the process waiting, until Ray shuts down or :func:`release_idle_actors`
+#: ends them; the tests turn it on.
+reuse_actors = False
+_idle: dict[str, list] = {"job": None, "actors": []}
 
 
 class RayWorker:
@@ -173,9 +176,9 @@ class RayWorker:
             raise RuntimeError(_died_message(self.index, exc)) from None
 
     def close(self) -> None:
-        """Back to the idle actors if it answered its last call; ended otherwise (it may be
-        dead, or busy with a call nobody waits for)."""
-        if self._pending is None and self.pid is not None:
+        """Ended; or, with :data:`reuse_actors`, kept idle if it answered its last call
+        (otherwise it may be dead, or busy with a call nobody waits for)."""
+        if reuse_actors and self._pending is None and self.pid is not None:
             self.actor.release.remote()
             _idle["actors"].append(self.actor)
         else:

@@ -36,7 +36,9 @@ COUNTDOWN = "binom_rl_test_envs:Countdown-v0"  # a user's module: episodes end e
 def ray_session():
     """One local Ray for the module; samplers find it connected and leave it running."""
     ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    ray_sampler.reuse_actors = True  # an actor takes seconds to start on a busy machine
     yield
+    ray_sampler.reuse_actors = False
     ray_sampler.release_idle_actors()
     ray.shutdown()
 
@@ -112,6 +114,16 @@ def test_closed_samplers_leave_their_actors_to_the_next():
         assert {w.pid for w in second._workers} == pids
         tasks = second.sample_tasks(2, seed=0)
         assert second.sample(tasks, policy_act(second, 2), 2, seed=0).lengths.min() == 3
+
+
+def test_by_default_a_closed_sampler_ends_its_actors(monkeypatch):
+    monkeypatch.setattr(ray_sampler, "reuse_actors", False)
+    with MultiTaskSampler(NAV, backend="ray", num_workers=1, max_episode_steps=3) as sampler:
+        pid = sampler._workers[0].pid
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
 
 
 def test_env_error_in_an_actor_raises_and_closes_the_sampler():
