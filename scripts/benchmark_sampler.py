@@ -2,6 +2,7 @@
 
     python scripts/benchmark_sampler.py            # 40 tasks x 20 episodes x 200 steps
     python scripts/benchmark_sampler.py --quick    # small sizes, a few seconds
+    python scripts/benchmark_sampler.py --ray      # also the Ray backend (the ray extra)
 
 Prints one line per measurement, writes a markdown table to --output, and ends with
 ``sampler: N env-steps/s = R x physics limit, S x best gymnasium vector env``.
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--vec-steps", type=int, default=200, help="steps of the vector envs")
     parser.add_argument("--physics-seconds", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--ray", action="store_true",
+                        help="also local vs Ray backends, and a slow pure-Python env")
     parser.add_argument("--output", default="docs/benchmark_sampler.md")
     args = parser.parse_args()
     if args.quick:
@@ -57,6 +60,19 @@ def main() -> None:
     for row in result["rows"]:
         print(f"{row.name}: {row.rate:,.0f} env-steps/s ({row.note})")
     write_markdown(result, args.output)
+    if args.ray:
+        from binom_rl.benchmarks import ray_sampler_bench as ray_bench
+
+        slow = ray_bench.Workload(ray_bench.SLOW_ENV_ID, 2, 2, 20) if args.quick else None
+        ray_result = ray_bench.run_ray_benchmark(
+            args.env_id, args.num_tasks, args.batch_size, args.horizon, args.num_workers, slow,
+            repeats=3 if args.quick else 2,
+        )
+        for _, (_, rows) in ray_result["workloads"].items():
+            for row in rows:
+                print(f"{row.name}: {row.rate:,.0f} env-steps/s ({row.note})")
+        ray_bench.append_markdown(ray_result, args.output)
+        print("\n".join(ray_bench.summary_lines(ray_result)))
     print(f"wrote {args.output}")
     print(summary_line(result))
 
