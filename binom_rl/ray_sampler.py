@@ -172,8 +172,8 @@ class RayWorker:
             return ray.get(ref)
         except RayTaskError as exc:  # the env or act_fn raised inside the actor
             raise RuntimeError(f"sampler worker {self.index} raised:\n{exc}") from None
-        except RayActorError as exc:
-            raise RuntimeError(_died_message(self.index, exc)) from None
+        except RayError as exc:  # the actor died (or Ray killed it, e.g. out of memory)
+            raise RuntimeError(_failure_message(self.index, exc)) from None
 
     def close(self) -> None:
         """Ended; or, with :data:`reuse_actors`, kept idle if it answered its last call
@@ -221,8 +221,8 @@ def start_workers(
                     f"{cause} (on a cluster the env's module must be importable on every "
                     "node)"
                 ) from None
-            except RayActorError as exc:
-                raise RuntimeError(_died_message(w.index, exc)) from None
+            except RayError as exc:
+                raise RuntimeError(_failure_message(w.index, exc)) from None
             w._pending = None
     except BaseException:
         for w in workers:
@@ -244,12 +244,15 @@ def release_idle_actors() -> None:
             pass
 
 
-def _died_message(index: int, exc: RayActorError) -> str:
+def _failure_message(index: int, exc: RayError) -> str:
+    """One line: which worker, what Ray said first, what the run can do about it."""
     first = str(exc).strip().splitlines()
-    detail = f": {first[0]}" if first else ""
+    detail = f" ({type(exc).__name__}: {first[0]})" if first else f" ({type(exc).__name__})"
+    what = "died" if isinstance(exc, RayActorError) else "failed"
     return (
-        f"sampler worker {index} (a Ray actor) died{detail}. Its node may have gone away or "
-        "run out of memory; the last checkpoint is intact, --resume continues the run"
+        f"sampler worker {index} (a Ray actor) {what}{detail}; its node may have gone away or "
+        "run short of memory (Ray's memory monitor ends workers when a node passes 95% "
+        "use, whoever uses it). The last checkpoint is intact: --resume continues the run"
     )
 
 

@@ -137,28 +137,42 @@ def measure_backends(workload: Workload, num_workers: int, repeats: int = 2) -> 
     return rows
 
 
-def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
-                            repeats: int = 200) -> dict[str, float]:
-    """Seconds per Ray round trip to ``num_workers`` actors at once: an empty call, and a
-    call carrying (and returning) one step's actions for num_envs / num_workers envs each."""
+class _Echo:
+    def echo(self, x=None):
+        return x
+
+
+def _round_trip_s(actors: list, arg, repeats: int) -> float:
     import ray
 
-    @ray.remote(num_cpus=1)
-    class Echo:
-        def echo(self, x=None):
-            return x
-
-    actors = [Echo.remote() for _ in range(num_workers)]
-    ray.get([a.echo.remote() for a in actors])
-    payload = np.zeros((max(num_envs // num_workers, 1), act_dim), dtype=np.float32)
-    result = {}
-    for name, arg in (("empty_call_s", None), ("step_call_s", payload)):
+    ray.get([a.echo.remote(arg) for a in actors])
+    start = time.perf_counter()
+    for _ in range(repeats):
         ray.get([a.echo.remote(arg) for a in actors])
-        start = time.perf_counter()
-        for _ in range(repeats):
-            ray.get([a.echo.remote(arg) for a in actors])
-        result[name] = (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
+                            repeats: int = 200,
+                            actor_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """Seconds per Ray round trip to ``num_workers`` actors at once: an empty call, and a
+    call carrying (and returning) one step's actions for num_envs / num_workers envs each;
+    and an empty call to each of ``actor_counts`` actors (which reserve no CPU, so that
+    more actors than cores fit), for how the cost grows with the number of actors."""
+    import ray
+
+    echo = ray.remote(_Echo)
+    actors = [echo.options(num_cpus=1).remote() for _ in range(num_workers)]
+    payload = np.zeros((max(num_envs // num_workers, 1), act_dim), dtype=np.float32)
+    result: dict = {"empty_call_s": _round_trip_s(actors, None, repeats),
+                    "step_call_s": _round_trip_s(actors, payload, repeats)}
     for actor in actors:
+        ray.kill(actor)
+    free = [echo.options(num_cpus=0).remote() for _ in range(max(actor_counts))]
+    result["empty_call_s_by_actors"] = {
+        n: _round_trip_s(free[:n], None, repeats) for n in actor_counts
+    }
+    for actor in free:
         ray.kill(actor)
     return result
 
@@ -183,9 +197,10 @@ def run_ray_benchmark(
     num_workers: int | None = None,
     slow: Workload | None = None,
     repeats: int = 2,
+    actor_counts: tuple[int, ...] = (1, 2, 4, 8),
 ) -> dict:
-    """Both workloads with every backend, the round trips and the policy forward; one
-    local Ray instance (``num_workers`` CPUs) for the whole run."""
+    """Both workloads with every backend, the round trips (to ``actor_counts`` actors too)
+    and the policy forward; one local Ray instance (``num_workers`` CPUs) for the run."""
     import ray
 
     torch.set_num_threads(1)
@@ -214,7 +229,9 @@ def run_ray_benchmark(
             "cores": available_cores(),
             "num_workers": num_workers,
             "workloads": workloads,
-            "round_trips": measure_ray_round_trips(num_workers, act_dim, num_tasks * batch_size),
+            "round_trips": measure_ray_round_trips(
+                num_workers, act_dim, num_tasks * batch_size, actor_counts=actor_counts
+            ),
             "policy_forward_s": measure_policy_forward(obs_dim, act_dim, num_tasks * batch_size),
             "actors_start_s": actors_start_s,
         }
@@ -245,6 +262,8 @@ def summary_lines(result: dict) -> list[str]:
                  f"{trips['empty_call_s'] * 1e3:.2f} ms empty, "
                  f"{trips['step_call_s'] * 1e3:.2f} ms with a step's actions; policy forward "
                  f"over the whole batch {result['policy_forward_s'] * 1e3:.2f} ms")
+    by_actors = ", ".join(f"{n}: {s * 1e3:.2f}" for n, s in trips["empty_call_s_by_actors"].items())
+    lines.append(f"ray empty round trip by number of actors, ms: {by_actors}")
     return lines
 
 

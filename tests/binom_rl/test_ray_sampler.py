@@ -205,6 +205,13 @@ def test_unreachable_address_fails_fast(monkeypatch):
         ray_sampler._check_reachable("no-port-here")
 
 
+def test_other_ray_failures_are_one_line_naming_the_worker():
+    message = ray_sampler._failure_message(3, ray.exceptions.RaySystemError("lost\ndetails"))
+    assert message.startswith("sampler worker 3 (a Ray actor) failed (RaySystemError: ")
+    assert "lost" in message and "details" not in message and "\n" not in message
+    assert "--resume continues" in message
+
+
 def test_join_error_explains_token_authentication(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     message = ray_sampler._join_error("10.0.0.1:6379", ConnectionError("Failed to connect"))

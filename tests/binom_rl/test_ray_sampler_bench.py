@@ -13,7 +13,7 @@ from binom_rl.benchmarks import ray_sampler_bench as bench  # noqa: E402
 def test_tiny_run_measures_every_backend_and_writes_the_section(tmp_path):
     slow = bench.Workload(bench.SLOW_ENV_ID, 2, 3, 5, {"step_ms": 0.2})
     result = bench.run_ray_benchmark("binom_rl/HalfCheetahVel-v0", 2, 2, 5, num_workers=2,
-                                     slow=slow, repeats=1)
+                                     slow=slow, repeats=1, actor_counts=(1, 2))
     assert not ray.is_initialized()
     assert set(result["workloads"]) == {"binom_rl/HalfCheetahVel-v0", bench.SLOW_ENV_ID}
     for workload, rows in result["workloads"].values():
@@ -22,6 +22,7 @@ def test_tiny_run_measures_every_backend_and_writes_the_section(tmp_path):
         assert all(row.env_steps == steps and row.rate > 0 for row in rows)
         assert set(bench.overhead_ratios(rows)) == {"vs_best_local", "vs_local_default"}
     assert 0 < result["round_trips"]["empty_call_s"] and 0 < result["policy_forward_s"]
+    assert set(result["round_trips"]["empty_call_s_by_actors"]) == {1, 2}
     report = tmp_path / "report.md"
     report.write_text("# Sampler benchmark\n")
     bench.append_markdown(result, report)
