@@ -87,8 +87,9 @@ class Config:
     device: str = "cpu"
     num_workers: int = 1
     # where the sampler's num-workers workers run (docs/distributed.md): local, processes
-    # on this machine; ray, Ray actors on this machine or a cluster. ray-address: null
-    # starts Ray here unless RAY_ADDRESS is set; auto or host:port joins a running cluster.
+    # on this machine; ray, Ray actors on this machine or a cluster. ray-address: null is
+    # RAY_ADDRESS if set, else local (a new Ray instance here); auto or host:port joins a
+    # running cluster.
     sampler: str = "local"
     ray_address: str | None = None
 
@@ -207,7 +208,9 @@ class Config:
                     f"{self.sampler!r}; --ray-address null unsets it)"
                 )
             if not self.ray_address.strip():
-                raise ConfigError("ray-address must be 'auto', 'host:port' or null, got ''")
+                raise ConfigError(
+                    "ray-address must be 'auto', 'host:port', 'local' or null, got ''"
+                )
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
         if method in ("trunc", "binom"):

@@ -6,22 +6,24 @@ process serves, for its contiguous slice of the T x B envs, and answers the same
 commands; by default a sample call is one ``rollout`` per actor, the actor running the
 policy for its own envs (docs/distributed.md has the measurements behind that choice).
 
-Connecting (:func:`connect`): ``address`` None starts a Ray instance on this machine
-(``address="local"``, so that neither a running cluster nor a stale
-``ray_current_cluster`` file left by a head that was not stopped with ``ray stop``
-changes what happens), unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"host:port"``
-joins a running cluster. A process that is already connected (``ray.init`` called by
-the user) keeps its connection.
+Connecting (:func:`connect`): ``address`` None means ``RAY_ADDRESS`` if set, else
+``"local"``: a new Ray instance on this machine with its cores (``address="local"``, so
+that neither a running cluster nor a stale ``ray_current_cluster`` file, which a head not
+stopped with ``ray stop`` leaves behind, changes what happens); ``"auto"`` or
+``"host:port"`` joins a running cluster. A process that is already connected
+(``ray.init`` called by the user) keeps its connection, whatever ``address`` says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
 
 import ray
 import torch
@@ -49,8 +51,8 @@ def connect(address: str | None, num_workers: int) -> None:
     and for a cluster with fewer CPUs than actors (they would wait forever).
     """
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address is None:
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
             ray.init(
                 address="local",
                 num_cpus=max(_available_cores(), num_workers),
@@ -59,10 +61,14 @@ def connect(address: str | None, num_workers: int) -> None:
             )
         else:
             _check_reachable(address)
-            try:
-                ray.init(address=address, logging_level="WARNING")
-            except (ConnectionError, RayError) as exc:
-                raise ValueError(_join_error(address, exc)) from exc
+            with tempfile.TemporaryFile("w+") as log:
+                try:
+                    with _stderr_into(log):
+                        ray.init(address=address, logging_level="WARNING")
+                except (ConnectionError, RayError) as exc:
+                    raise ValueError(_join_error(address, exc)) from exc
+                log.seek(0)
+                sys.stderr.write(log.read())  # joined: Ray's messages as usual
         _state["owned"] = True
     _state["users"] += 1
     try:
@@ -75,6 +81,22 @@ def connect(address: str | None, num_workers: int) -> None:
     except BaseException:
         disconnect()
         raise
+
+
+@contextlib.contextmanager
+def _stderr_into(file: IO[str]) -> Iterator[None]:
+    """File descriptor 2 into ``file`` meanwhile. A cluster that refuses this process (no
+    token, see :func:`_join_error`) makes Ray's C++ client log a line a second to fd 2
+    while ray.init retries (about 20 lines), which would bury the one error line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def disconnect() -> None:
@@ -264,7 +286,7 @@ def _check_reachable(address: str) -> None:
         return
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"ray-address must be 'auto' or 'host:port', got {address!r}")
+        raise ValueError(f"ray-address must be 'auto', 'host:port' or 'local', got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:

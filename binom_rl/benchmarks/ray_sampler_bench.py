@@ -169,6 +169,7 @@ def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
     for actor in actors:
         ray.kill(actor)
     free = [echo.options(num_cpus=0).remote() for _ in range(max(actor_counts))]
+    ray.get([a.echo.remote() for a in free])  # all started: none is still importing
     result["empty_call_s_by_actors"] = {
         n: _round_trip_s(free[:n], None, repeats) for n in actor_counts
     }
