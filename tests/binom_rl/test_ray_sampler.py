@@ -201,7 +201,7 @@ def test_unreachable_address_fails_fast(monkeypatch):
     with pytest.raises(ValueError, match=rf"found by 'auto': [^)]*:{port}\)"):
         ray_sampler._check_reachable("auto")
     assert time.monotonic() - start < 2 * ray_sampler.REACH_TIMEOUT_S
-    with pytest.raises(ValueError, match="'auto' or 'host:port'"):
+    with pytest.raises(ValueError, match="'auto', 'host:port' or 'local'"):
         ray_sampler._check_reachable("no-port-here")
 
 
