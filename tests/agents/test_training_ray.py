@@ -6,6 +6,7 @@ actors and the Ray instance it started."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,4 +149,5 @@ def test_ctrl_c_stops_the_run_its_actors_and_its_ray(tmp_path):
     while _ray_processes(temp_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _ray_processes(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
     assert load_checkpoint(folder / CHECKPOINT_FILE)["iteration"] >= 1

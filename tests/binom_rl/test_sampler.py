@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import binom_rl
 from binom_rl.agents.policies import batched_sample, make_policy
 from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seeds
 
@@ -258,6 +259,7 @@ def test_user_env_in_workers_and_killed_worker_raises(user_env_id):
 def test_ray_backend_without_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as without the extra
     monkeypatch.delitem(sys.modules, "binom_rl.ray_sampler", raising=False)
+    monkeypatch.delattr(binom_rl, "ray_sampler", raising=False)  # imported by an earlier test
     with pytest.raises(ValueError, match=r'pip install -e "\.\[ray\]"'):
         MultiTaskSampler(NAV, backend="ray")
     with pytest.raises(ValueError, match="backend must be one of local, ray"):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import binom_rl
 from binom_rl.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,6 +288,7 @@ def _assert_one_error_line(capsys, message: str, folder: Path) -> None:
 def test_ray_sampler_without_ray_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
     monkeypatch.delitem(sys.modules, "binom_rl.ray_sampler", raising=False)
+    monkeypatch.delattr(binom_rl, "ray_sampler", raising=False)  # imported by an earlier test
     folder = tmp_path / "run"
     assert train_cli.main([*TINY, "--sampler", "ray", "--output-folder", str(folder)]) == 2
     _assert_one_error_line(capsys, 'pip install -e ".[ray]"', folder)
