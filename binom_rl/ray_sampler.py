@@ -30,6 +30,7 @@ import torch
 from gymnasium.envs.registration import EnvSpec
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from binom_rl.runtime import available_cores
 from binom_rl.sampler import _WorkerCore
 
 #: How long a cluster address may take to accept a TCP connection. ray.init itself
@@ -55,7 +56,7 @@ def connect(address: str | None, num_workers: int) -> None:
         if address == "local":
             ray.init(
                 address="local",
-                num_cpus=max(_available_cores(), num_workers),
+                num_cpus=max(available_cores(), num_workers),
                 include_dashboard=False,
                 logging_level="WARNING",
             )
@@ -316,7 +317,8 @@ def _auto_address() -> str | None:
 
 
 def _join_error(address: str, exc: BaseException) -> str:
-    message = f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
+    first = str(exc).splitlines() or [type(exc).__name__]
+    message = f"cannot join the Ray cluster at {address}: {first[0]}"
     if os.environ.get("RAY_AUTH_MODE") is None and address != "auto":
         # Ray enables token authentication by default, and sends its token only to a
         # cluster found by "auto", never to an explicit address.
@@ -326,10 +328,3 @@ def _join_error(address: str, exc: BaseException) -> str:
             "~/.ray/auth_token), or use --ray-address auto on one of its nodes"
         )
     return message
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

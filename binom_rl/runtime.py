@@ -13,6 +13,7 @@ LD_PRELOAD, i.e. an environment set before Python starts), hence the few ctypes 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -47,3 +48,11 @@ def reuse_freed_memory() -> bool:
     # mallopt returns 1 on success, 0 on an invalid value.
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     return mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS / Windows
+        return os.cpu_count() or 1

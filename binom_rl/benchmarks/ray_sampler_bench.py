@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from binom_rl.benchmarks.sampler_bench import Measurement, TanhGaussianMLP, available_cores
+from binom_rl.benchmarks.sampler_bench import Measurement, TanhGaussianMLP
+from binom_rl.runtime import available_cores
 from binom_rl.sampler import Episodes, MultiTaskSampler
 
 SLOW_ENV_ID = "binom_rl_bench/SlowPoint-v0"

@@ -1,12 +1,13 @@
 """binom_rl.runtime: the allocator settings the scripts apply."""
 
 import ctypes
+import os
 import platform
 
 import pytest
 import torch
 
-from binom_rl.runtime import reuse_freed_memory
+from binom_rl.runtime import available_cores, reuse_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -28,3 +29,11 @@ def test_reuse_freed_memory_does_nothing_off_glibc(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: calls.append(a))
     assert reuse_freed_memory() is False
     assert calls == []
+
+
+def test_available_cores_follows_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert available_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS / Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert available_cores() == 7
