@@ -20,6 +20,7 @@ everything else, MAML-TRPO included, is the same code path.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -195,9 +196,10 @@ class MetaLearner:
         return {k: v.to(self.device) for k, v in params.items()}
 
     def _sample(self, tasks: Sequence[dict], phi: Params, seed: int) -> Episodes:
-        def act(obs: Tensor, generator: torch.Generator) -> Tensor:
-            return batched_sample(self.policy, phi, obs, generator)
-
+        # a partial, not a closure over self: samplers whose workers run the policy pickle
+        # it, and it should carry the policy and phi only
+        phi = {k: v.to(self.sampler.act_device) for k, v in phi.items()}
+        act = functools.partial(batched_sample, self.policy, phi)
         episodes = self.sampler.sample(tasks, act, self.cfg.fast_batch_size, seed=seed)
         return episodes.to(self.device)
 

@@ -94,7 +94,10 @@ def prepare_run(
 
 
 # Keys a resumed run may change; any other change would silently alter the run.
-RESUMABLE_KEYS = ("num-batches", "device", "num-workers", "diagnose-every", "chunk-size")
+RESUMABLE_KEYS = (
+    "num-batches", "device", "num-workers", "diagnose-every", "chunk-size", "sampler",
+    "ray-address",
+)
 
 
 def _check_resumable(saved: Config, cfg: Config) -> None:

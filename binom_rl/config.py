@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
 NONLINEARITIES = ("tanh", "relu")  # the MLP policies' hidden-layer activations
+SAMPLERS = ("local", "ray")
 
 # Keys added after runs were first saved, with the behaviour those runs had (whatever the
 # default is today).
@@ -87,6 +88,12 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 1
+    # where the sampler's num-workers workers run (docs/distributed.md): local, processes
+    # on this machine; ray, Ray actors on this machine or a cluster. ray-address: null is
+    # RAY_ADDRESS if set, else local (a new Ray instance here); auto or host:port joins a
+    # running cluster.
+    sampler: str = "local"
+    ray_address: str | None = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -194,6 +201,21 @@ class Config:
             )
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        self._check_sampler()
+
+    def _check_sampler(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.ray_address is not None:
+            if self.sampler != "ray":
+                raise ConfigError(
+                    f"ray-address {self.ray_address!r} needs sampler: ray (sampler is "
+                    f"{self.sampler!r}; --ray-address null unsets it)"
+                )
+            if not self.ray_address.strip():
+                raise ConfigError(
+                    "ray-address must be 'auto', 'host:port', 'local' or null, got ''"
+                )
 
     def _check_order(self, what: str, method: str, order_key: str, order: int) -> None:
         try:

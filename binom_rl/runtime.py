@@ -14,6 +14,7 @@ starts), hence the few ctypes lines.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import resource
 import sys
@@ -91,3 +92,11 @@ def peak_memory_mb(device: str | torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB on Linux
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS / Windows
+        return os.cpu_count() or 1

@@ -6,6 +6,7 @@ vector envs.
     python scripts/benchmark_sampler.py --env-id binom_rl/MetaWorldML1-v0 \
         --env-kwargs "{env_name: push-v3}" --num-tasks 10 --batch-size 10 \
         --output docs/benchmark_sampler_metaworld.md      # Meta-World (the extra)
+    python scripts/benchmark_sampler.py --ray      # also the Ray backend (the ray extra)
 
 Prints one line per measurement, writes a markdown table to --output, and ends with
 ``sampler: N env-steps/s = Q x (one env x C cores), [R x physics limit,] S x best gymnasium
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--vec-steps", type=int, default=200, help="steps of the vector envs")
     parser.add_argument("--physics-seconds", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--ray", action="store_true",
+                        help="also local vs Ray backends, and a slow pure-Python env")
     parser.add_argument("--output", default="docs/benchmark_sampler.md")
     args = parser.parse_args()
     if args.quick:
@@ -79,6 +82,19 @@ def main() -> None:
     for row in result["rows"]:
         print(f"{row.name}: {row.rate:,.0f} env-steps/s ({row.note})")
     write_markdown(result, args.output)
+    if args.ray:
+        from benchmarks import ray_sampler_bench as ray_bench
+
+        slow = ray_bench.Workload(ray_bench.SLOW_ENV_ID, 2, 2, 20) if args.quick else None
+        ray_result = ray_bench.run_ray_benchmark(
+            args.env_id, args.num_tasks, args.batch_size, args.horizon, args.num_workers, slow,
+            repeats=3 if args.quick else 2,
+        )
+        for _, (_, rows) in ray_result["workloads"].items():
+            for row in rows:
+                print(f"{row.name}: {row.rate:,.0f} env-steps/s ({row.note})")
+        ray_bench.append_markdown(ray_result, args.output)
+        print("\n".join(ray_bench.summary_lines(ray_result)))
     print(f"wrote {args.output}")
     print(summary_line(result))
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from binom_rl.runtime import peak_memory_mb, reuse_freed_memory
+from binom_rl.runtime import available_cores, peak_memory_mb, reuse_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 HAS_MALLINFO2 = GLIBC and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
@@ -112,3 +113,11 @@ def test_peak_memory_mb_cpu_is_the_kernels_peak_rss():
     got = peak_memory_mb("cpu")
     after = _status_kib("VmHWM") / 1024
     assert before - 1 <= got <= after + 1
+
+
+def test_available_cores_follows_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert available_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS / Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert available_cores() == 7

@@ -1,7 +1,9 @@
 """MultiTaskSampler: shapes, masks, hand-computed rewards, determinism across workers, failures."""
 
+import functools
 import os
 import signal
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import binom_rl
+from binom_rl.agents.policies import batched_sample, make_policy
 from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seeds
 
 NAV = "binom_rl/2DNavigation-v0"
@@ -293,3 +297,34 @@ def test_user_env_in_workers_and_killed_worker_raises(user_env_id):
             sampler.sample(tasks, killing_act, batch_size=3, seed=1)
         assert time.monotonic() - start < 10
         assert not victim.is_alive()
+
+
+def test_ray_backend_without_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as without the extra
+    monkeypatch.delitem(sys.modules, "binom_rl.ray_sampler", raising=False)
+    monkeypatch.delattr(binom_rl, "ray_sampler", raising=False)  # imported by an earlier test
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[ray\]"'):
+        MultiTaskSampler(NAV, backend="ray")
+    with pytest.raises(ValueError, match="backend must be one of local, ray"):
+        MultiTaskSampler(NAV, backend="spark")
+    with pytest.raises(ValueError, match="ray_address 'auto' is set but the backend is 'local'"):
+        MultiTaskSampler(NAV, ray_address="auto")
+
+
+def test_process_workers_running_the_policy_match_in_process(user_env_id):
+    """act_in_workers with worker processes: the same episodes as in-process (a task's
+    episodes split between the two workers), for an act_fn the workers can unpickle; one
+    they cannot (defined in this test module) is a worker error, not a dead worker."""
+    with MultiTaskSampler(user_env_id) as local:
+        tasks = local.sample_tasks(3, seed=3)
+        policy = make_policy(local.observation_space, local.action_space, (8,), "tanh")
+        phi = {k: v + torch.randn(3, *v.shape) for k, v in policy.init_params(0).items()}
+        act = functools.partial(batched_sample, policy, phi)
+        expected = local.sample(tasks, act, batch_size=3, seed=1)
+    with MultiTaskSampler(user_env_id, num_workers=2, act_in_workers=True) as sampler:
+        assert sampler.act_in_workers and sampler.act_device == torch.device("cpu")
+        assert_episodes_equal(sampler.sample(tasks, act, batch_size=3, seed=1), expected)
+        with pytest.raises(RuntimeError, match="(?s)worker [01] raised.*ModuleNotFoundError"):
+            sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=1)
+    with MultiTaskSampler(user_env_id, act_in_workers=True) as in_process:
+        assert not in_process.act_in_workers  # one in-process worker is always stepped

@@ -1,12 +1,15 @@
 """User-code task envs for the `module:EnvId-v0` tests: importing this module registers
 ``PointGoal-v0`` (implements the MAML-RL task protocol), ``NoTasks-v0`` (does not),
-``UnboundedActions-v0`` (an infinite action Box, which cannot be rescaled) and
-``SuccessPointGoal-v0`` (a batch env that reports success, with a held-out test split).
+``UnboundedActions-v0`` (an infinite action Box, which cannot be rescaled),
+``SuccessPointGoal-v0`` (a batch env that reports success, with a held-out test split) and
+``Countdown-v0`` (episodes that end early; a step can be made slow).
 
 Run with this folder on sys.path / PYTHONPATH: ``binom_rl_test_envs:PointGoal-v0``.
 """
 
 from __future__ import annotations
+
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -52,6 +55,36 @@ class UnboundedActionsEnv(PointGoalEnv):
     def __init__(self):
         super().__init__()
         self.action_space = spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+
+
+class CountdownEnv(PointGoalEnv):
+    """PointGoal whose episode terminates after ``task["steps"]`` steps (drawn from 1..12,
+    so that some episodes end before a horizon of 10 and some do not); each step sleeps
+    ``delay`` seconds (a constructor argument), for tests that need a slow env."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.delay, self._steps, self._t = delay, 3, 0
+
+    def sample_tasks(self, num_tasks: int) -> list[dict]:
+        goals = super().sample_tasks(num_tasks)
+        steps = self.np_random.integers(1, 13, size=num_tasks)
+        return [{**g, "steps": int(n)} for g, n in zip(goals, steps, strict=True)]
+
+    def reset_task(self, task: dict) -> None:
+        super().reset_task(task)
+        self._steps = int(task["steps"])
+
+    def reset(self, *, seed=None, options=None):
+        self._t = 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.delay:
+            time.sleep(self.delay)
+        obs, reward, _, truncated, info = super().step(action)
+        self._t += 1
+        return obs, reward, self._t >= self._steps, truncated, info
 
 
 class SuccessPointGoalEnv(PointGoalEnv):
@@ -124,6 +157,7 @@ for _id, _cls in (
     ("NoTasks-v0", NoTasksEnv),
     ("UnboundedActions-v0", UnboundedActionsEnv),
     ("SuccessPointGoal-v0", SuccessPointGoalEnv),
+    ("Countdown-v0", CountdownEnv),
 ):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls, max_episode_steps=10)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import binom_rl
 from binom_rl.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,6 +271,11 @@ BAD_FLAGS = {
         "missing sample_tasks, reset_task",
     ),
     "resume without checkpoint": (["--resume"], "no policy.pt"),
+    "unknown sampler": (["--sampler", "spark"], "sampler must be one of local, ray"),
+    "ray address without the ray sampler": (
+        ["--ray-address", "auto"],
+        "ray-address 'auto' needs sampler: ray",
+    ),
 }
 
 
@@ -284,6 +291,35 @@ def test_bad_input_exit_2_one_line_nothing_written(
     assert len(err) == 1, captured.err
     assert err[0].startswith("error:") and message in err[0], err[0]
     assert not folder.exists()
+
+
+def _assert_one_error_line(capsys, message: str, folder: Path) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error:") and message in err[0], err[0]
+    assert not folder.exists()
+
+
+def test_ray_sampler_without_ray_names_the_extra(tmp_path, capsys, monkeypatch, tiny_argv):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    monkeypatch.delitem(sys.modules, "binom_rl.ray_sampler", raising=False)
+    monkeypatch.delattr(binom_rl, "ray_sampler", raising=False)  # imported by an earlier test
+    folder = tmp_path / "run"
+    assert train_cli.main([*tiny_argv, "--sampler", "ray", "--output-folder", str(folder)]) == 2
+    _assert_one_error_line(capsys, 'pip install -e ".[ray]"', folder)
+
+
+def test_unreachable_ray_address_is_one_error_line(tmp_path, capsys, tiny_argv):
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()  # a connected process would keep its own cluster
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "run"
+    argv = [*tiny_argv, "--sampler", "ray", "--ray-address", f"127.0.0.1:{port}"]
+    assert train_cli.main([*argv, "--output-folder", str(folder)]) == 2
+    _assert_one_error_line(capsys, f"cannot reach the Ray cluster at 127.0.0.1:{port}", folder)
+    assert not ray.is_initialized()
 
 
 def test_unknown_key_in_yaml_lists_valid_keys(tmp_path, capsys, tiny_argv):
