@@ -256,6 +256,21 @@ BAD_FLAGS = {
         "missing sample_tasks, reset_task",
     ),
     "resume without checkpoint": (["--resume"], "no policy.pt"),
+    "unknown inner loss": (["--inner-loss", "ppg"], "inner-loss must be one of vpg, lvc, dice"),
+    "unknown outer": (["--outer", "sgd"], "outer must be one of trpo, ppo"),
+    "unknown trust region": (["--trust-region", "mid"], "trust-region must be one of post, pre"),
+    "zero clip-eps": (["--outer", "ppo", "--clip-eps", "0"], "clip-eps must be in (0, 1)"),
+    "negative outer-lr": (["--outer", "ppo", "--outer-lr", "-0.001"], "outer-lr must be > 0"),
+    "zero ppo-steps": (["--outer", "ppo", "--ppo-steps", "0"], "ppo-steps must be >= 1"),
+    "negative kl-penalty": (["--kl-penalty", "-0.001"], "kl-penalty must be >= 0"),
+    "zero kl-target": (["--kl-target", "0"], "kl-target must be > 0 or null"),
+    "kl-target without penalty": (
+        ["--kl-target", "0.01", "--kl-penalty", "0"], "it needs kl-penalty > 0",
+    ),
+    "dice on cut episodes": (
+        ["--inner-loss", "dice", "--fvp-subsample", "2", "--fvp-subsample-by", "steps"],
+        "use fvp-subsample-by episodes",
+    ),
 }
 
 
