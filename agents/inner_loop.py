@@ -9,13 +9,14 @@ task-major tensors (keys in ``agents/losses.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.func import grad, vjp
 
 from binom_rl.agents.baselines import LinearFeatureBaseline, compute_advantages
 from binom_rl.agents.losses import PolicyLosses, dice_weights
@@ -151,6 +152,20 @@ class InnerLoop:
         with torch.no_grad():
             old_dist = self.policy.dist_params(phi_old, valid["obs"])
         return with_old_policy(self.policy, valid, old_dist, "the validation episodes")
+
+    def outer_batch_and_gradient(
+        self, episodes: Episodes, phi_old: Params, loss: Callable[[Any, dict], Tensor]
+    ) -> tuple[dict[str, Any], Params]:
+        """:meth:`outer_batch` and grad ``loss`` at phi_old for every task from one forward
+        pass over the validation data: the pullback of pi_old's distribution parameters
+        applied to d loss / d(dist). ``loss(dist, data)`` gives the per-task outer losses from
+        the distribution parameters. Saves the forward pass a separate gradient would repeat."""
+        valid = self.batch(episodes)
+        with self.phases("outer objective"):
+            old_dist, pullback = vjp(lambda p: self.policy.dist_params(p, valid["obs"]), phi_old)
+            valid = with_old_policy(self.policy, valid, old_dist, "the validation episodes")
+            d_dist = grad(lambda d: loss(d, valid).sum())(old_dist)
+            return valid, pullback(d_dist)[0]
 
     # ------------------------------------------------------------------ inner steps
 

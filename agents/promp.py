@@ -34,7 +34,7 @@ from binom_rl.agents.losses import PolicyLosses
 from binom_rl.agents.phases import PhaseTimer
 from binom_rl.agents.policies import Policy
 from binom_rl.config import Config
-from binom_rl.metagrad import Params, TaskBatchedLoss, task_gradients
+from binom_rl.metagrad import Params
 from binom_rl.rl import flatten_params, masked_mean_per_task
 
 
@@ -61,7 +61,6 @@ class PPOStep:
     ):
         self.cfg, self.policy, self.losses = cfg, policy, losses
         self.inner, self.estimator, self.phases = inner, estimator, phases
-        self.kl_loss = TaskBatchedLoss(self._kl_losses)
         self.kl_penalty = [float(cfg.kl_penalty)] * cfg.num_steps  # eta_k, k = 0..K-1
         # Adam over leaf copies of the parameters, made on the first step (its shapes).
         self._names: list[str] = []
@@ -115,26 +114,37 @@ class PPOStep:
         dist = self.policy.dist_params(params, valid["obs"])
         return self.losses.clipped_surrogate(dist, valid, self.cfg.clip_eps)
 
+    def _clipped_of_dist(self, dist: Any, data: dict[str, Any]) -> Tensor:
+        return self.losses.clipped_surrogate(dist, data, self.cfg.clip_eps)
+
     def objective_gradients(
-        self, path: list[Params], inner_data: list, valid: dict[str, Any], at_old: bool
-    ) -> tuple[list[Params | None], float]:
+        self, path: list[Params], inner_data: list, valid: dict[str, Any], at_old: bool,
+        outer_grads: Params | None = None,
+    ) -> tuple[list[Params | None], float]:  # fmt: skip
         """Per-task gradients of J at each path point phi_0 .. phi_K (None: no term), and J.
-        ``at_old``: theta = theta_old, where every KL term is at its minimum (gradient and
-        value 0) and is left out."""
-        num_steps = self.cfg.num_steps
+        ``at_old``: theta = theta_old, where the ratios are 1 (J's first term is -mean(A))
+        and every KL term is at its minimum (gradient and value 0, left out); there
+        ``outer_grads`` may give the clipped term's gradients at phi_K, already computed."""
+        num_steps, num_tasks = self.cfg.num_steps, next(iter(path[-1].values())).shape[0]
         with self.phases("outer objective"):
-            grads, clipped = grad_and_value(lambda p: self._clipped(p, valid).sum())(path[-1])
+            if at_old and outer_grads is not None:
+                clipped = -masked_mean_per_task(valid["advantages"], valid["mask"]).sum()
+                grads = outer_grads
+            else:
+                clipped_sum = lambda p: self._clipped(p, valid).sum()  # noqa: E731
+                grads, clipped = grad_and_value(clipped_sum)(path[-1])
             step_grads: list[Params | None] = [None] * num_steps + [grads]
-            objective = float(clipped) / next(iter(path[-1].values())).shape[0]
+            objective = float(clipped) / num_tasks
             if at_old:
                 return step_grads, objective
             for k in range(num_steps):
                 weight = self.kl_penalty[k] / num_steps
                 if weight == 0.0:
                     continue
-                g = task_gradients(self.kl_loss, path[k], inner_data[k])
+                kl_sum = lambda p, k=k: self._kl_losses(p, inner_data[k]).sum()  # noqa: E731
+                g, kl = grad_and_value(kl_sum)(path[k])
                 step_grads[k] = {name: weight * v for name, v in g.items()}
-                objective += weight * float(self._kl_losses(path[k], inner_data[k]).mean())
+                objective += weight * float(kl) / num_tasks
             return step_grads, objective
 
     # ------------------------------------------------------------------ the step
@@ -145,7 +155,11 @@ class PPOStep:
         """``ppo-steps`` Adam steps of ``params`` on the stored episodes; new params and metrics."""
         cfg = self.cfg
         inner_data = adaptation.inner_data
-        valid = self.inner.outer_batch(adaptation.episodes[-1], adaptation.path[-1])
+        # the validation batch and the clipped term's gradient at theta_old, where the ratio
+        # is 1, from one forward pass
+        valid, outer_grads = self.inner.outer_batch_and_gradient(
+            adaptation.episodes[-1], adaptation.path[-1], self._clipped_of_dist
+        )
         optimizer = self._adam_on(params)
         metrics: dict[str, float] = {}
         objective_before = 0.0
@@ -156,7 +170,9 @@ class PPOStep:
             else:
                 keep = self.estimator.keeps_hessians()
                 path, hessians = self.inner.readapt(self._current(), inner_data, keep)
-            step_grads, objective = self.objective_gradients(path, inner_data, valid, i == 0)
+            step_grads, objective = self.objective_gradients(
+                path, inner_data, valid, at_old=i == 0, outer_grads=outer_grads
+            )
             g = self.estimator.meta_gradient(path, inner_data, step_grads, hessians)
             del hessians  # free the inner steps' graphs before the next re-adaptation
             check_finite(f"meta-gradient of Adam step {i + 1}", g)

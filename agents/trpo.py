@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, vjp
+from torch.func import vjp
 from torch.utils._pytree import tree_map
 
 from binom_rl.agents.estimator import Estimator, compare_to_exact
-from binom_rl.agents.inner_loop import AdaptationResult, InnerLoop, check_finite, with_old_policy
+from binom_rl.agents.inner_loop import AdaptationResult, InnerLoop, check_finite
 from binom_rl.agents.losses import PolicyLosses
 from binom_rl.agents.phases import PhaseTimer
 from binom_rl.agents.policies import Policy
@@ -114,16 +114,9 @@ class TRPOStep:
     def outer_batch_and_gradient(
         self, episodes: Any, phi_old: Params
     ) -> tuple[dict[str, Any], Params]:
-        """The outer batch (:meth:`InnerLoop.outer_batch`) and grad L_out(phi_old) for every
-        task, from one forward pass over the validation data: the pullback of pi_old's
-        distribution parameters applied to dL_out/d(dist) (where the ratio is 1). Saves the
-        forward pass a separate gradient of the outer loss would repeat."""
-        valid: dict[str, Any] = self.inner.batch(episodes)
-        with self.phases("outer objective"):
-            old_dist, pullback = vjp(lambda p: self.policy.dist_params(p, valid["obs"]), phi_old)
-            valid = with_old_policy(self.policy, valid, old_dist, "the validation episodes")
-            d_dist = grad(lambda d: self.losses.surrogate(d, valid).sum())(old_dist)
-            return valid, pullback(d_dist)[0]
+        """The outer batch and grad L_out(phi_old) per task from one forward pass (where the
+        ratio is 1): :meth:`InnerLoop.outer_batch_and_gradient` of the surrogate."""
+        return self.inner.outer_batch_and_gradient(episodes, phi_old, self.losses.surrogate)
 
     # ------------------------------------------------------------------ Fisher products
 
