@@ -282,7 +282,9 @@ class Config:
         notes = []
         method, order = self.fvp_method()
         if (
-            method == "binom"
+            self.outer == "trpo"
+            and self.trust_region == "post"  # the only Fisher with J products
+            and method == "binom"
             and order < self.num_steps
             and self.fvp_subsample > 1
             and self.fvp_subsample_by == "episodes"

@@ -175,6 +175,8 @@ BINOM_K2 = ["--estimator", "binom", "--order", "1", "--num-steps", "2"]
         ([*BINOM_K2, "--fvp-subsample", "1"], False),  # argparse: the last value wins
         (["--estimator", "binom", "--order", "1", "--num-steps", "1"], False),  # exact at K = 1
         (["--num-steps", "2", "--fvp-estimator", "binom", "--fvp-order", "1"], True),
+        ([*BINOM_K2, "--outer", "ppo"], False),  # no Fisher
+        ([*BINOM_K2, "--trust-region", "pre"], False),  # a Fisher without J products
     ],
 )
 def test_train_notes_binom_fisher_on_noisy_episodes(tmp_path, capsys, flags, noted):
