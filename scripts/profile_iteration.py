@@ -1,12 +1,12 @@
 """Split a meta-iteration's wall time into phases: ``python scripts/profile_iteration.py
 --config configs/2d-navigation.yaml [--config configs/2d-navigation-promp.yaml]
-[--iterations 12] [--skip 2] [any config flag]``.
+[--estimators maml,binom:2] [--iterations 12] [--skip 2] [any config flag]``.
 
-Runs a fresh meta-training per --config for --iterations iterations (nothing is written),
-their iterations interleaved, and prints the median seconds of each phase (sampling,
-advantages, inner steps, outer objective, meta-gradient, Fisher-vector products, line
-search, Adam updates, other) per config, the first --skip iterations left out. Config
-flags apply to every config.
+Runs a fresh meta-training per --config (and per estimator of --estimators, if given) for
+--iterations iterations (nothing is written), their iterations interleaved, and prints
+the median seconds of each phase (sampling, advantages, inner steps, outer objective,
+meta-gradient, Fisher-vector products, line search, Adam updates, other) for each, the
+first --skip iterations left out. Config flags apply to every run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from binom_rl.agents.compare import parse_estimators
 from binom_rl.agents.profiling import format_profile, profile_iterations
 from binom_rl.config import Config, ConfigError, add_config_flags, load_yaml, overrides_from_args
 from binom_rl.runtime import reuse_freed_memory
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         "--config", action="append", default=None,
         help="YAML config (MAML-RL key names); repeat to profile several side by side",
     )  # fmt: skip
+    parser.add_argument(
+        "--estimators", default=None,
+        help="profile each config with each of these estimators, e.g. maml,binom:2",
+    )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=12, help="meta-iterations to run")
     parser.add_argument("--skip", type=int, default=2, help="warm-up iterations left out")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads")
@@ -35,11 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = args.config or [None]
-        cfgs = []
+        cfgs, names = [], []
         for path in paths:
             raw = load_yaml(path) if path else {}
             raw.update(overrides_from_args(args))
-            cfgs.append(Config.from_dict(raw))
+            name = Path(path).stem if path else "defaults"
+            if args.estimators is None:
+                cfgs.append(Config.from_dict(raw))
+                names.append(name)
+                continue
+            num_steps = Config.from_dict({**raw, "estimator": "fomaml"}).num_steps
+            for spec in parse_estimators(args.estimators, num_steps):
+                cfgs.append(Config.from_dict({**raw, **spec.config_keys(num_steps)}))
+                names.append(f"{name} {spec.label}")
         if args.torch_threads is not None:
             if args.torch_threads < 1:
                 raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
@@ -49,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    names = [Path(p).stem if p else "defaults" for p in paths]
     for name, cfg in zip(names, cfgs, strict=True):
         print(
             f"{name}: {cfg.env_name}, outer {cfg.outer}, inner loss {cfg.inner_loss}, "

@@ -403,3 +403,22 @@ def test_profile_iteration_cli(capsys):
     assert "| meta-gradient |" in out and "| total |" in out
     assert script.main([*tiny, "--iterations", "1", "--skip", "1"]) == 2
     assert "must exceed skip" in capsys.readouterr().err
+
+
+def test_profile_iteration_cli_several_configs_and_estimators(tmp_path, capsys):
+    """Two configs x two estimators: four columns, and the ratio row."""
+    script = _load_script("profile_iteration")
+    tiny = [a for a in TINY if a not in ("--no-progress",)]
+    ppo = _yaml(tmp_path, "outer: ppo\nppo-steps: 2\n")
+    trpo = tmp_path / "b.yaml"
+    trpo.write_text("outer: trpo\n")
+    argv = [*tiny, "--config", ppo, "--config", str(trpo)]
+    assert script.main([*argv, "--estimators", "maml,fomaml", "--iterations", "2",
+                        "--skip", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| phase |"))
+    assert header.count(" share |") == 4 and "config maml s" in header and "b fomaml s" in header
+    assert "| Adam updates |" in out and "| line search |" in out
+    assert out.rstrip().splitlines()[-1].startswith("| total / first | 1.00 |")
+    assert script.main([*argv, "--estimators", "binom:3", "--num-steps", "1"]) == 2
+    assert "L <= num-steps" in capsys.readouterr().err
