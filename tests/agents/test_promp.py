@@ -285,3 +285,20 @@ def test_unrolled_reference_uses_fast_lr(sampler):
                    for (n, v), g in zip(phi.items(), grads, strict=True)}  # fmt: skip
             for n in phi:
                 torch.testing.assert_close(path[k + 1][n][t], phi[n].detach())
+
+
+@pytest.mark.parametrize("inner_loss", ["vpg", "lvc"])
+def test_first_adam_step_follows_the_trpo_meta_gradient(sampler, inner_loss):
+    """At theta_old the clipped surrogate's ratio is 1 and the KL terms vanish, so ProMP's
+    first meta-gradient is MAML-TRPO's on the same episodes: the two outer loops differ in
+    how they step, not in where they start."""
+    learner = _learner(sampler, **{"num-steps": 2, "inner-loss": inner_loss})
+    _, adaptation, valid = _adapted(learner, seed=6)
+    trpo = _learner(sampler, **{"num-steps": 2, "inner-loss": inner_loss, "outer": "trpo"})
+    want = trpo.meta_gradient(adaptation.path, adaptation.inner_data, valid)
+    step_grads, _ = learner.outer.objective_gradients(
+        adaptation.path, adaptation.inner_data, valid, at_old=True
+    )
+    got = learner.estimator.meta_gradient(adaptation.path, adaptation.inner_data, step_grads)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
