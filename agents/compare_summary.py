@@ -23,10 +23,16 @@ from binom_rl.rl import mean_and_stderr
 
 if TYPE_CHECKING:
     from binom_rl.agents.compare import Plan, RunPlan
+    from binom_rl.config import Config
 
 __all__ = ["FINAL_WINDOW", "Row", "aggregate", "format_summary", "write_summary"]
 
 FINAL_WINDOW = 10  # final post-adaptation return: mean of the last 10 iterations
+
+
+def outer_label(cfg: Config) -> str:
+    """``trpo/post``, ``trpo/pre`` or ``ppo``: the outer loop a run's config selects."""
+    return f"trpo/{cfg.trust_region}" if cfg.outer == "trpo" else cfg.outer
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Row:
     meta_step_s: float = math.nan
     peak_mb: float = math.nan
     cosine: float = math.nan
+    outer: str = ""  # the meta-learners' outer loop (outer_label); blank for baselines
+    inner_loss: str = ""  # the inner loss of every adaptation step; blank for oracle
     curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     # envs that report success (Meta-World): success rate after 0..n test steps, the last
     # iterations' success/step_K, and its curve; None / nan for the others
@@ -122,6 +130,9 @@ def aggregate(plan: Plan, exclude: set[str] | frozenset[str] = frozenset()) -> l
         kind = runs[0].kind
         adapt_mean, adapt_se = _adaptation([r.folder for r in runs], width)
         row = Row(label, kind, len(runs), runs[0].env_steps, adapt_mean, adapt_se)
+        cfg = runs[0].cfg
+        row.outer = outer_label(cfg) if kind == "estimator" else ""
+        row.inner_loss = cfg.inner_loss if label != "oracle" else ""
         if all(_has_success(r.folder) for r in runs):
             row.success_mean, row.success_se = _adaptation(
                 [r.folder for r in runs], width, "success_mean"
@@ -208,6 +219,8 @@ def format_summary(plan: Plan, rows: list[Row]) -> str:
         "meta-step s/iter",
         "peak MB",
         "cos to exact",
+        "outer",
+        "inner loss",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -219,6 +232,8 @@ def format_summary(plan: Plan, rows: list[Row]) -> str:
             _num(row.meta_step_s),
             _num(row.peak_mb, 0),
             _num(row.cosine, 4),
+            row.outer,
+            row.inner_loss,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     opts = plan.options
@@ -234,7 +249,10 @@ def format_summary(plan: Plan, rows: list[Row]) -> str:
         "(± over seeds; one seed: over those iterations). Times: mean over iterations "
         "(first one left out) of time/sampling_s and time/meta_step_s; peak MB: "
         "max of memory/peak_mb (CPU: process peak RSS); cos to exact: mean of "
-        "metagrad/cosine_to_exact where diagnosed (--diagnose-every), else blank.",
+        "metagrad/cosine_to_exact where diagnosed (--diagnose-every), else blank. Outer: "
+        "trpo/post (MAML-TRPO), trpo/pre (TRPO with the inner steps' sampling policies in "
+        "the trust region) or ppo (ProMP); inner loss: vpg, lvc or dice, in training and "
+        "at test time.",
         "Env steps: training budget of one run, num-batches x meta-batch x fast-batch x "
         "(num-steps + 1) x horizon (meta-learners), PPO timesteps (pretrained, oracle), "
         "0 (random); test-time adaptation steps are not counted.",
@@ -282,6 +300,8 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
         "meta_step_s",
         "peak_mb",
         "cosine_to_exact",
+        "outer",
+        "inner_loss",
     ]
     with_success = any(row.success_mean is not None for row in rows)
     if with_success:
@@ -301,6 +321,8 @@ def write_summary(plan: Plan, rows: list[Row]) -> None:
                 _num(row.meta_step_s, 4),
                 _num(row.peak_mb, 1),
                 _num(row.cosine, 6),
+                row.outer,
+                row.inner_loss,
             ]
             if with_success:
                 success = zip(row.success_mean or [math.nan] * (n + 1),

@@ -1,81 +1,82 @@
 """Where the time of a meta-iteration goes: wall time per phase, median over iterations.
 
-The phases are the MetaLearner's own methods, timed by wrapping them on one instance
-(nothing in the learner changes), so the split always follows the code that runs:
-
-    sampling        MetaLearner._sample: all env steps, the policy in the loop
-    advantages      MetaLearner._batch: linear-baseline fits and GAE
-    meta-gradient   MetaLearner.meta_gradient: g = mean_t J_t^T grad L_out
-    fisher-vector   MetaLearner.fvp_operator: building it and every product it makes (CG and
-                    the step size)
-    line search     MetaLearner._surrogate_and_kl: re-adaptation, surrogate and KL per try
-    other           total minus the above (inner steps, CG vector algebra, logging)
+The phases are the ones the meta-learner's parts declare (``binom_rl.agents.phases.PHASES``:
+sampling, advantages, inner steps, outer objective, meta-gradient, Fisher-vector products,
+line search, Adam updates); profiling turns the learner's :class:`PhaseTimer` on, and time
+outside every declared phase (task sampling, metrics, the step's vector algebra) is charged
+to ``other``, so the parts of an iteration add up to its wall time. Several configurations
+are profiled in one process with their iterations interleaved (a, b, a, b, ...), so that
+the load of a shared machine falls on all of them alike.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from binom_rl.agents.maml_trpo import MetaLearner, _sync
+from binom_rl.agents.maml_trpo import MetaLearner
+from binom_rl.agents.phases import PHASES, sync
 from binom_rl.config import Config
 from binom_rl.sampler import MultiTaskSampler
 
-PHASES = {
-    "sampling": "_sample",
-    "advantages": "_batch",
-    "meta-gradient": "meta_gradient",
-    "fisher-vector products": "fvp_operator",
-    "line search": "_surrogate_and_kl",
-}
+OTHER = "other"
 
 
-def profile_iterations(cfg: Config, num_iterations: int = 12, skip: int = 2) -> dict[str, float]:
-    """Median seconds per phase (and ``total``, ``other``) over iterations skip..end."""
-    if num_iterations <= skip:
-        raise ValueError(f"num_iterations ({num_iterations}) must exceed skip ({skip})")
-    device = torch.device(cfg.device)
-    with MultiTaskSampler.from_config(cfg, device) as sampler:
-        learner = MetaLearner(cfg, sampler)
-        spent: dict[str, float] = {}
-        for phase, method in PHASES.items():
-            setattr(learner, method, _timed(getattr(learner, method), phase, spent, device))
-        params = learner.init_params(cfg.seed)
-        rows = []
+def _iteration(learner: MetaLearner, params: dict, iteration: int) -> tuple[dict, dict[str, float]]:
+    """One meta-iteration with the phase timer on: new params and seconds per phase, with
+    ``other`` (outside every phase) and ``total`` (measured around the call)."""
+    timer = learner.phases
+    timer.enabled, timer.spent = True, {}
+    start = time.perf_counter()
+    with timer(OTHER):
+        params, _ = learner.meta_iteration(params, iteration)
+    sync(learner.device)
+    row = {phase: timer.spent.get(phase, 0.0) for phase in (*PHASES, OTHER)}
+    row["total"] = time.perf_counter() - start
+    timer.enabled = False
+    return params, row
+
+
+def profile_iterations(
+    cfgs: Config | Sequence[Config], num_iterations: int = 12, skip: int = 2
+) -> list[dict[str, float]]:
+    """Median seconds per phase (and ``other``, ``total``) over iterations skip..end, one
+    dict per config; the configs' iterations alternate."""
+    cfgs = [cfgs] if isinstance(cfgs, Config) else list(cfgs)
+    if not 0 <= skip < num_iterations:
+        raise ValueError(f"num_iterations ({num_iterations}) must exceed skip ({skip}) >= 0")
+    samplers = [MultiTaskSampler.from_config(cfg, torch.device(cfg.device)) for cfg in cfgs]
+    try:
+        learners = [MetaLearner(cfg, s) for cfg, s in zip(cfgs, samplers, strict=True)]
+        params = [learner.init_params(learner.cfg.seed) for learner in learners]
+        rows: list[list[dict[str, float]]] = [[] for _ in cfgs]
         for iteration in range(num_iterations):
-            spent.clear()
-            start = time.perf_counter()
-            params, _ = learner.meta_iteration(params, iteration)
-            _sync(device)
-            row = {phase: spent.get(phase, 0.0) for phase in PHASES}
-            row["total"] = time.perf_counter() - start
-            row["other"] = row["total"] - sum(row[p] for p in PHASES)
-            rows.append(row)
-    kept = rows[skip:]
-    return {key: statistics.median(r[key] for r in kept) for key in rows[0]}
+            for i, learner in enumerate(learners):
+                params[i], row = _iteration(learner, params[i], iteration)
+                rows[i].append(row)
+    finally:
+        for sampler in samplers:
+            sampler.close()
+    return [
+        {key: statistics.median(r[key] for r in kept[skip:]) for key in kept[0]} for kept in rows
+    ]
 
 
-def _timed(fn: Callable, phase: str, spent: dict[str, float], device: torch.device) -> Callable:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _sync(device)
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        _sync(device)
-        spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - start
-        # An operator (fvp_operator's product function) is timed into the same phase.
-        return _timed(result, phase, spent, device) if callable(result) else result
-
-    return wrapper
-
-
-def format_profile(medians: dict[str, float]) -> str:
-    """A markdown table: phase, median seconds, share of the total."""
-    total = medians["total"]
-    lines = ["| phase | median s | share |", "|---|---|---|"]
-    for key in [*PHASES, "other", "total"]:
-        lines.append(f"| {key} | {medians[key]:.3f} | {medians[key] / total:.0%} |")
+def format_profile(medians: Sequence[dict[str, float]], names: Sequence[str]) -> str:
+    """A markdown table: phase, then median seconds and share of the total per config
+    (phases no config spends time in are left out); with several configs, a last row of
+    each total over the first's."""
+    head = ["phase"] + [f"{name} {col}" for name in names for col in ("s", "share")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in [*PHASES, OTHER, "total"]:
+        if key in PHASES and not any(m[key] > 0 for m in medians):
+            continue
+        cells = [c for m in medians for c in (f"{m[key]:.3f}", f"{m[key] / m['total']:.0%}")]
+        lines.append("| " + " | ".join([key, *cells]) + " |")
+    if len(medians) > 1:
+        cells = [c for m in medians for c in (f"{m['total'] / medians[0]['total']:.2f}", "")]
+        lines.append("| " + " | ".join(["total / first", *cells]) + " |")
     return "\n".join(lines)

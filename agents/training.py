@@ -84,6 +84,12 @@ def prepare_run(
             raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {folder}")
         state = load_checkpoint(folder / CHECKPOINT_FILE)
         _check_resumable(Config.from_saved(state["config"]), cfg)
+        if cfg.outer != "trpo" and not state.get("outer"):
+            # checkpoints without an outer state are TRPO's (it keeps none)
+            raise ConfigError(
+                f"--resume: {folder / CHECKPOINT_FILE} has no outer-step state for outer "
+                f"{cfg.outer}"
+            )
         return cfg, state
     if non_empty and not overwrite:
         raise ConfigError(
@@ -153,6 +159,7 @@ def train(
             params = {k: v.to(device) for k, v in state["params"].items()}
             start = int(state["iteration"])
             set_rng_state(state["rng"])
+            learner.outer.load_state_dict(state.get("outer", {}))
         folder = Path(output_folder)
         if state is None and folder.is_dir():
             _remove_previous_run(folder)  # only reached with --overwrite or an empty folder
@@ -202,6 +209,7 @@ def _loop(
                     "config": cfg.to_dict(),
                     "rng": rng_state(),
                     "metrics": metrics,
+                    "outer": learner.outer.state_dict(),  # {} for TRPO
                 },
                 folder / CHECKPOINT_FILE,
             )

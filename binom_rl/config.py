@@ -3,6 +3,24 @@
 YAML files and flags use the MAML-RL spelling (``fast-lr``, ``meta-batch-size``, ...);
 Python code uses the same names with underscores. Every key is a flag of
 ``binom-rl-train`` (``--fast-lr 0.05``), and the flags override the YAML file.
+
+Keys by part of the algorithm:
+
+- task distribution and inner loop: ``env-name``, ``env-kwargs``, ``max-episode-steps``,
+  ``fast-lr``, ``fast-batch-size``, ``num-steps``, ``inner-loss`` (vpg | lvc | dice),
+  ``gamma``, ``gae-lambda``;
+- outer loop, every algorithm: ``outer`` (trpo | ppo), ``meta-batch-size``, ``num-batches``;
+- ``outer: trpo`` (MAML-TRPO): ``trust-region`` (post | pre), ``max-kl``, ``cg-iters``,
+  ``cg-damping``, ``ls-max-steps``, ``ls-backtrack-ratio``, ``fvp-subsample``,
+  ``fvp-subsample-by``, ``fvp-estimator``, ``fvp-order``;
+- ``outer: ppo`` (ProMP): ``ppo-steps``, ``outer-lr``, ``clip-eps``, ``kl-penalty`` (eta),
+  ``kl-target`` (null: eta fixed);
+- meta-gradient estimator and engine: ``estimator``, ``order``, ``chunk-size``,
+  ``hvp-mode``, ``diagnose-every``;
+- policy and run: ``hidden-sizes``, ``nonlinearity``, ``init-std``, ``rescale-actions``,
+  ``seed``, ``device``, ``num-workers``.
+
+The keys of the outer algorithm a run does not use are validated and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -29,10 +47,19 @@ class ConfigError(ValueError):
 FVP_SUBSAMPLE_BY = ("steps", "episodes")
 NONLINEARITIES = ("tanh", "relu")  # the MLP policies' hidden-layer activations
 SAMPLERS = ("local", "ray")
+INNER_LOSSES = ("vpg", "lvc", "dice")
+OUTER_STEPS = ("trpo", "ppo")
+TRUST_REGIONS = ("post", "pre")
 
 # Keys added after runs were first saved, with the behaviour those runs had (whatever the
 # default is today).
-SAVED_RUN_DEFAULTS: dict[str, Any] = {"rescale-actions": False, "fvp-subsample-by": "episodes"}
+SAVED_RUN_DEFAULTS: dict[str, Any] = {
+    "rescale-actions": False,
+    "fvp-subsample-by": "episodes",
+    "inner-loss": "vpg",
+    "outer": "trpo",
+    "trust-region": "post",
+}
 
 
 @dataclass
@@ -46,9 +73,16 @@ class Config:
     fast_lr: float = 0.1
     fast_batch_size: int = 20
     num_steps: int = 1
-    # outer loop
+    # vpg: -mean(log pi A) (MAML-RL); lvc: -mean(pi / pi_old A) (ProMP); dice: DiCE's
+    # magic box (agents/losses.py)
+    inner_loss: str = "vpg"
+    # outer loop: trpo (MAML-TRPO) or ppo (ProMP)
+    outer: str = "trpo"
     meta_batch_size: int = 40
     num_batches: int = 500
+    # outer: trpo. trust-region post: KL of the post-update policy phi_K (MAML-TRPO); pre:
+    # KL of the inner steps' sampling policies phi_0 .. phi_{K-1} (agents/trpo.py)
+    trust_region: str = "post"
     max_kl: float = 0.01
     cg_iters: int = 10
     cg_damping: float = 1e-5
@@ -59,6 +93,15 @@ class Config:
     # MetaLearner._fvp_data for which suits which estimator.
     fvp_subsample: int = 1
     fvp_subsample_by: str = "episodes"
+    # outer: ppo (ProMP). ppo-steps Adam steps of outer-lr per iteration on the clip-eps
+    # clipped surrogate plus kl-penalty (eta) x the KL at each inner step's sampling policy;
+    # kl-target null: eta fixed, else halved / doubled per step around it (agents/promp.py).
+    # Defaults: ProMP's locomotion settings.
+    ppo_steps: int = 5
+    outer_lr: float = 1e-3
+    clip_eps: float = 0.3
+    kl_penalty: float = 5e-4
+    kl_target: float | None = None
     # returns and advantages
     gamma: float = 0.99
     gae_lambda: float = 1.0
@@ -131,7 +174,7 @@ class Config:
 
     def validate(self) -> None:
         """Value checks (types are checked in from_dict)."""
-        for name in ("fast_lr", "max_kl", "init_std"):
+        for name in ("fast_lr", "max_kl", "init_std", "outer_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
         for name in (
@@ -143,6 +186,7 @@ class Config:
             "ls_max_steps",
             "fvp_subsample",
             "num_workers",
+            "ppo_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
@@ -159,6 +203,33 @@ class Config:
             raise ConfigError(
                 f"fvp-subsample-by must be one of {', '.join(FVP_SUBSAMPLE_BY)}, "
                 f"got {self.fvp_subsample_by!r}"
+            )
+        for key, value, choices in (
+            ("inner-loss", self.inner_loss, INNER_LOSSES),
+            ("outer", self.outer, OUTER_STEPS),
+            ("trust-region", self.trust_region, TRUST_REGIONS),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"clip-eps must be in (0, 1), got {self.clip_eps}")
+        if self.kl_penalty < 0:
+            raise ConfigError(f"kl-penalty must be >= 0, got {self.kl_penalty}")
+        if self.kl_target is not None:
+            if not self.kl_target > 0:
+                raise ConfigError(f"kl-target must be > 0 or null, got {self.kl_target}")
+            if self.kl_penalty == 0:
+                raise ConfigError("kl-target adapts kl-penalty by halving and doubling: "
+                                  "it needs kl-penalty > 0")  # fmt: skip
+        if (
+            self.inner_loss == "dice"
+            and self.outer == "trpo"
+            and self.fvp_subsample > 1
+            and self.fvp_subsample_by == "steps"
+        ):
+            raise ConfigError(
+                "inner-loss dice sums log-probabilities along whole episodes, which "
+                "fvp-subsample-by steps would cut: use fvp-subsample-by episodes"
             )
         if self.estimator not in METHODS:
             raise ConfigError(
@@ -246,7 +317,9 @@ class Config:
         notes = []
         method, order = self.fvp_method()
         if (
-            method == "binom"
+            self.outer == "trpo"
+            and self.trust_region == "post"  # the only Fisher with J products
+            and method == "binom"
             and order < self.num_steps
             and self.fvp_subsample > 1
             and self.fvp_subsample_by == "episodes"

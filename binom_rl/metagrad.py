@@ -216,6 +216,13 @@ def effective_order(method: str, order: int | None, num_steps: int) -> int:
     return order
 
 
+def is_exact(method: str, order: int | None, num_steps: int) -> bool:
+    """Whether ``method`` with ``order`` computes the exact J products over ``num_steps``
+    inner steps: its :func:`effective_order` is K (maml, and trunc / binom keeping every
+    factor; at K = 1 every estimator but fomaml). ValueError as effective_order's."""
+    return effective_order(method, order, num_steps) == num_steps
+
+
 def _check_like(v: Mapping[str, Tensor], like: Mapping[str, Tensor], name: str) -> None:
     if set(v) != set(like):
         missing, extra = sorted(set(like) - set(v)), sorted(set(v) - set(like))
@@ -536,6 +543,45 @@ def _sequential_product(
     return u
 
 
+def _sum_vectors(vectors: Sequence[Params]) -> Params:
+    total = dict(vectors[0])
+    for v in vectors[1:]:
+        total = {k: total[k] + v[k] for k in total}
+    return total
+
+
+def _horner_path_vjp(
+    hessians: _PathHessians, vs: Sequence[Params | None], kept: set[int], step_size: float
+) -> Params:
+    """sum_k J_k^T vs[k] with the factors of the steps in ``kept`` (all: exact; trunc: its
+    last steps): u = vs[K]; for k = K - 1 .. 0, u <- (I - a H_k) u if k is kept, then
+    u <- u + vs[k]."""
+    u = vs[-1]
+    for k in range(len(vs) - 2, -1, -1):
+        if u is not None and k in kept:
+            u = _axpy(-step_size, hessians.step(k, u), u)
+        if vs[k] is not None:
+            u = dict(vs[k]) if u is None else {name: u[name] + vs[k][name] for name in u}
+    return u  # type: ignore[return-value]
+
+
+def _binomial_path_vjp(
+    hessians: _PathHessians, vs: Sequence[Params | None], order: int, step_size: float
+) -> Params:
+    """Every term of sum_k J_k^T vs[k] with at most ``order`` Hessians, as one cascade: a term
+    H_{i_1} ... H_{i_l} vs[k] needs i_1 < ... < i_l < k, so level 1 applies H_i to the sum of
+    the vectors entering after step i, R_{i+1} = sum_{k > i} vs[k], and the zeroth-order
+    term is R_0 = sum_k vs[k]."""
+    like = next(v for v in vs if v is not None)
+    stacked = _stack([v if v is not None else {k: torch.zeros_like(x) for k, x in like.items()}
+                      for v in vs], dim=1)  # [T, K + 1, ...]  # fmt: skip
+    suffix = {k: x.flip(1).cumsum(1).flip(1) for k, x in stacked.items()}  # R_0 .. R_K
+    total = {k: x[:, 0] for k, x in suffix.items()}
+    suffix_sums = {k: x[:, 1:] for k, x in suffix.items()}  # R_{i+1} for i = 0 .. K - 1
+    steps = list(range(len(vs) - 1))
+    return _binomial_product(hessians, total, steps, order, step_size, suffix_sums)
+
+
 def _select_steps(tree: Any, steps: Sequence[int]) -> Any:
     """``tree[:, steps]`` for every leaf, without a host-to-device copy of an index tensor.
 
@@ -575,12 +621,20 @@ def _place_steps(tree: Any, steps: Sequence[int], num_steps: int) -> Any:
 
 
 def _binomial_product(
-    hessians: _PathHessians, v: Params, steps: list[int], order: int, step_size: float
+    hessians: _PathHessians,
+    v: Params,
+    steps: list[int],
+    order: int,
+    step_size: float,
+    suffix_sums: Params | None = None,
 ) -> Params:
     """Truncated binomial expansion of (I - a H_{s_0}) ... (I - a H_{s_n}) v, as L levels.
 
     Level l computes w^(l)_i = H_{s_i} S_{i+1} for i = 0..n-l at once, where S_{i+1} is the
     sum of the previous level's w over positions > i (S = v at level 1).
+
+    ``suffix_sums`` [T, n, ...]: level 1's S_{i+1} given per position instead of v everywhere
+    (:func:`_path_vjp`: vectors entering at several steps); ``v`` is then the zeroth-order term.
     """
     n = len(steps)
     result = v
@@ -588,7 +642,9 @@ def _binomial_product(
     coeff = 1.0
     for level in range(1, order + 1):
         m = n - level + 1  # positions 0..n-level carry a non-zero term
-        if w is None:
+        if w is None and suffix_sums is not None:
+            vecs = {k: x[:, :m] for k, x in suffix_sums.items()}
+        elif w is None:
             vecs = {k: x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:]) for k, x in v.items()}
         else:
             # suffix sums over positions > i: reverse cumulative sum, shifted by one.
@@ -602,10 +658,19 @@ def _binomial_product(
 class MetaProducts(NamedTuple):
     """J^T v and J v for one stored path, with the estimator fixed: see
     :func:`prepare_meta_products`. Both take and return per-task dicts ([T, ...]); ``jvp``
-    also accepts one shared vector (no task dim)."""
+    also accepts one shared vector (no task dim).
+
+    ``path_vjp([v_0, ..., v_K])`` = sum_k J_k^T v_k with J_k = d phi_k / d theta (J_0 = I,
+    J_K = J; None entries are zero): the meta-gradient of an objective with terms at every
+    point of the path (ProMP's KL penalties at the inner steps' policies), at the cost of one
+    ``vjp``: the exact product by Horner's rule, u <- (I - a H_k) u + v_k from k = K - 1 down;
+    the binomial cascade with v_k entering level 1's suffix sums, so that each v_k only meets
+    the Hessians of the steps before k; trunc keeps the factors of its last ``order`` steps.
+    """
 
     vjp: Callable[[Params], Params]
     jvp: Callable[[Params], Params]
+    path_vjp: Callable[[Sequence[Params | None]], Params]
 
 
 def prepare_meta_products(
@@ -664,14 +729,31 @@ def prepare_meta_products(
             hessians,
         )
 
+    # binom with order >= K keeps every term: the exact product, no cascade needed.
+    sequential = method == "trunc" or is_exact(method, order, num_steps)
+
     def product(v: Params, transpose: bool) -> Params:
         if identity:
             return dict(v)
         steps = _step_order(method, order, num_steps, transpose)
-        if method in ("maml", "trunc") or order >= len(steps):
-            # binom with order >= K keeps every term: the exact product, no cascade needed.
+        if sequential:
             return _sequential_product(hessians, v, steps, step_size)
         return _binomial_product(hessians, v, steps, order, step_size)
+
+    def path_vjp_fn(vs: Sequence[Params | None]) -> Params:
+        if len(vs) != num_steps + 1:
+            raise ValueError(f"path_vjp needs K + 1 = {num_steps + 1} vectors, got {len(vs)}")
+        given = [(k, v) for k, v in enumerate(vs) if v is not None]
+        if not given:
+            raise ValueError("path_vjp needs at least one vector")
+        for k, v in given:
+            _check_like(v, path[0], f"vs[{k}]")
+        if identity:
+            return _sum_vectors([v for _, v in given])
+        steps = _step_order(method, order, num_steps, transpose=True)
+        if sequential:
+            return _horner_path_vjp(hessians, vs, set(steps), step_size)
+        return _binomial_path_vjp(hessians, vs, order, step_size)
 
     def vjp_fn(v: Params) -> Params:
         _check_like(v, path[0], "v")
@@ -683,7 +765,7 @@ def prepare_meta_products(
         _check_like(v, path[0], "v")
         return product(v, transpose=False)
 
-    return MetaProducts(vjp_fn, jvp_fn)
+    return MetaProducts(vjp_fn, jvp_fn, path_vjp_fn)
 
 
 def batched_meta_vjp(

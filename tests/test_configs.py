@@ -34,12 +34,34 @@ METAWORLD_SETTINGS = {
 }
 
 
+# ProMP's settings (jonasrothfuss/ProMP, experiments/all_envs_eval/ppo_run_all.py) in the
+# *-promp.yaml variants of the MAML-RL configs: config -> (horizon, expected keys).
+PROMP_LOCOMOTION = {"fast-lr": 0.1, "ppo-steps": 5, "kl-penalty": 5e-4, "kl-target": None}
+PROMP = {
+    "2d-navigation-promp": (None, {**PROMP_LOCOMOTION, "meta-batch-size": 20}),
+    "half-cheetah-dir-promp": (100, {**PROMP_LOCOMOTION, "meta-batch-size": 40}),
+    "hopper-rand-params-promp": (
+        200, {"fast-lr": 0.05, "ppo-steps": 3, "kl-penalty": 1e-3, "kl-target": 0.01,
+              "meta-batch-size": 40},
+    ),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_for_a_registered_env(path):
     raw = load_yaml(path)
     cfg = Config.from_dict(raw)
     assert cfg.env_name in registered_ids()
     horizon = gym.spec(cfg.env_name).max_episode_steps
+    if path.stem.endswith("-promp"):
+        promp_horizon, expected = PROMP[path.stem]
+        assert cfg.max_episode_steps == promp_horizon
+        common = {"outer": "ppo", "inner-loss": "lvc", "outer-lr": 1e-3, "clip-eps": 0.3,
+                  "fast-batch-size": 20, "num-steps": 1, "gamma": 0.99, "gae-lambda": 1.0,
+                  "hidden-sizes": [64, 64], "nonlinearity": "tanh"}  # fmt: skip
+        expected = {**common, **expected}
+        assert {k: cfg.to_dict()[k] for k in expected} == expected
+        return
     assert cfg.max_episode_steps in (None, horizon)
     # The MAML-RL settings the MuJoCo configs share: the MAML paper's (Finn et al. 2017)
     # fast-lr, episodes per step and meta-batch, pytorch-maml-rl's TRPO constants and (64, 64)
@@ -71,8 +93,12 @@ def test_config_loads_for_a_registered_env(path):
 
 
 def test_one_config_per_registered_env():
-    # ML1 is one id with one config per task class (env-kwargs env_name)
-    envs = [(load_yaml(p)["env-name"], str(load_yaml(p).get("env-kwargs"))) for p in CONFIGS]
+    """One MAML-RL config per registered env (ML1: one per task class, by env-kwargs
+    env_name); ProMP variants beside some of them."""
+    mamlrl = [p for p in CONFIGS if not p.stem.endswith("-promp")]
+    envs = [(load_yaml(p)["env-name"], str(load_yaml(p).get("env-kwargs"))) for p in mamlrl]
+    promp = {p.stem.removesuffix("-promp") for p in CONFIGS if p.stem.endswith("-promp")}
+    assert promp <= {p.stem for p in CONFIGS}, "a ProMP config without its MAML-RL config"
     assert sorted(envs) == sorted(set(envs)), "two configs for one env"
     assert {env for env, _ in envs} == set(registered_ids())
     ml1 = [kwargs for env, kwargs in envs if env == "binom_rl/MetaWorldML1-v0"]

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from binom_rl.agents import maml_trpo
+from binom_rl.agents.losses import PolicyLosses
 from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, RunComplete, train
 from binom_rl.checkpoint import load_checkpoint
@@ -110,7 +111,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch, _cfg):
     policy.pt keeps the params of the 1st (last good) iteration."""
     current = {"iteration": -1}
     returned: list[dict] = []
-    orig_iteration, orig_surrogate = MetaLearner.meta_iteration, MetaLearner._surrogate
+    orig_iteration, orig_surrogate = MetaLearner.meta_iteration, PolicyLosses.surrogate
 
     def meta_iteration(self, params, iteration, diagnose=False):
         current["iteration"] = iteration
@@ -123,7 +124,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch, _cfg):
         return loss * float("nan") if current["iteration"] == 1 else loss
 
     monkeypatch.setattr(MetaLearner, "meta_iteration", meta_iteration)
-    monkeypatch.setattr(MetaLearner, "_surrogate", surrogate)
+    monkeypatch.setattr(PolicyLosses, "surrogate", surrogate)
     with pytest.raises(NonFiniteError, match="meta-gradient"):
         train(_cfg(), tmp_path, progress=False)
     assert len(returned) == 1

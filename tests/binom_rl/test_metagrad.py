@@ -21,6 +21,7 @@ from binom_rl.metagrad import (
     batched_meta_jvp,
     batched_meta_vjp,
     hessian_norms,
+    is_exact,
     lacks_forward_ad,
     meta_gradient,
     meta_jvp,
@@ -620,3 +621,70 @@ def test_hessian_norms_zero_hessian_and_bad_input():
         hessian_norms(linear_loss, path, inner, iters=0)
     with pytest.raises(ValueError, match="need phi_0..phi_K"):
         hessian_norms(linear_loss, path[:1], inner)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_path_vjp_matches_per_step_brute_force(K, cache):
+    """path_vjp([v_0 .. v_K]) = sum_k J_k^T v_k, J_k = d phi_k / d theta, on non-commuting
+    quadratics: exact (maml, binom L = K) = explicit matrices; binom L = the subsets of the
+    steps before k with at most L Hessians, for each v_k; trunc L = the factors of the last
+    L steps that come before k; fomaml = sum_k v_k. Some entries None (no term)."""
+    gen = torch.Generator().manual_seed(10 + K)
+    dtype = torch.float64
+    data = _random_quadratic(K, dtype, gen)
+    hessians = [d["A"] for d in data]
+    params = _random_params(gen, dtype)
+    vs = [_random_params(gen, dtype) for _ in range(K + 1)]
+    if K > 1:
+        vs[1] = None
+    path = adapt(quad_loss, params, data, step_size=ALPHA)
+    batched_path = [{k: x.unsqueeze(0) for k, x in p.items()} for p in path]
+    batched_data = [{k: x.unsqueeze(0) for k, x in d.items()} for d in data]
+    batched_vs = [None if v is None else {k: x.unsqueeze(0) for k, x in v.items()} for v in vs]
+
+    def run(method, order=None):
+        products = prepare_meta_products(
+            quad_loss, batched_path, batched_data, step_size=ALPHA, method=method, order=order,
+            cache=cache,
+        )  # fmt: skip
+        return _flat({k: x[0] for k, x in products.path_vjp(batched_vs).items()})
+
+    given = [(k, _flat(v)) for k, v in enumerate(vs) if v is not None]
+    torch.testing.assert_close(run("fomaml"), sum(v for _, v in given))
+    exact = sum(_product(hessians, v, range(k), transpose=True) for k, v in given)
+    torch.testing.assert_close(run("maml"), exact)
+    for L in range(0, K + 1):
+        binom = sum(_brute_force(hessians[:k], v, min(L, k), transpose=True) for k, v in given)
+        torch.testing.assert_close(run("binom", L), binom)
+        window = range(K - L, K)
+        trunc = sum(_product(hessians, v, [i for i in window if i < k], True) for k, v in given)
+        torch.testing.assert_close(run("trunc", L), trunc)
+
+
+def test_path_vjp_of_the_last_vector_alone_is_vjp():
+    gen = torch.Generator().manual_seed(5)
+    data = _random_quadratic(3, torch.float64, gen)
+    path = adapt(quad_loss, _random_params(gen, torch.float64), data, step_size=ALPHA)
+    batched_path = [{k: x.unsqueeze(0) for k, x in p.items()} for p in path]
+    batched_data = [{k: x.unsqueeze(0) for k, x in d.items()} for d in data]
+    v = {k: x.unsqueeze(0) for k, x in _random_params(gen, torch.float64).items()}
+    for method, order in (("maml", None), ("binom", 1), ("trunc", 2)):
+        products = prepare_meta_products(
+            quad_loss, batched_path, batched_data, step_size=ALPHA, method=method, order=order
+        )
+        got, want = products.path_vjp([None, None, None, v]), products.vjp(v)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+    with pytest.raises(ValueError, match="K \\+ 1 = 4 vectors"):
+        products.path_vjp([v])
+
+
+@pytest.mark.parametrize(
+    "method,order,steps,exact",
+    [("maml", None, 3, True), ("fomaml", 0, 1, False), ("binom", 1, 1, True),
+     ("binom", 1, 2, False), ("binom", 2, 2, True), ("trunc", 1, 3, False),
+     ("trunc", 3, 3, True)],
+)  # fmt: skip
+def test_is_exact(method, order, steps, exact):
+    assert is_exact(method, order, steps) is exact

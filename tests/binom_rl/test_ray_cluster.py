@@ -15,6 +15,7 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 from binom_rl import ray_sampler  # noqa: E402  (needs ray)
 from binom_rl.agents.policies import batched_sample, make_policy  # noqa: E402
 from binom_rl.sampler import MultiTaskSampler  # noqa: E402
+from tests.helpers.episodes import assert_episodes_equal  # noqa: E402
 
 NAV = "binom_rl/2DNavigation-v0"
 
@@ -46,8 +47,7 @@ def test_two_nodes_give_the_local_episodes_and_a_lost_node_is_one_error(cluster)
     try:
         assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2
         episodes = sampler.sample(tasks, act, 3, seed=1)
-        for name in vars(expected):
-            assert torch.equal(getattr(episodes, name), getattr(expected, name)), name
+        assert_episodes_equal(episodes, expected)
 
         cluster.remove_node(second)  # the node of one of the two actors goes away
         start = time.monotonic()

@@ -6,6 +6,7 @@ the actors cannot import, too few CPUs, an address that does not answer)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import signal
 import socket
@@ -25,7 +26,8 @@ ray = pytest.importorskip("ray")
 from binom_rl import ray_sampler  # noqa: E402  (needs ray)
 from binom_rl.agents.policies import batched_sample, make_policy  # noqa: E402
 from binom_rl.envs import registered_ids  # noqa: E402
-from binom_rl.sampler import Episodes, MultiTaskSampler  # noqa: E402
+from binom_rl.sampler import MultiTaskSampler  # noqa: E402
+from tests.helpers.episodes import assert_episodes_equal  # noqa: E402
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 NAV = "binom_rl/2DNavigation-v0"
@@ -65,12 +67,13 @@ def zero_act(obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.zeros(*obs.shape[:2], 1)
 
 
-def assert_episodes_equal(a: Episodes, b: Episodes) -> None:
-    for name in vars(a):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-
-
-CASES = [(env_id, 2, True) for env_id in registered_ids()] + [
+NO_METAWORLD = pytest.mark.skipif(
+    importlib.util.find_spec("metaworld") is None, reason="needs the metaworld extra"
+)
+CASES = [
+    pytest.param(env_id, 2, True, marks=[NO_METAWORLD] if "MetaWorld" in env_id else [])
+    for env_id in registered_ids()
+] + [
     (NAV, 1, True),
     (NAV, 3, True),
     (COUNTDOWN, 2, True),

@@ -15,7 +15,8 @@ import torch
 
 import binom_rl
 from binom_rl.agents.policies import batched_sample, make_policy
-from binom_rl.sampler import Episodes, MultiTaskSampler, episode_seeds
+from binom_rl.sampler import MultiTaskSampler, episode_seeds
+from tests.helpers.episodes import assert_episodes_equal
 
 NAV = "binom_rl/2DNavigation-v0"
 
@@ -76,12 +77,6 @@ def gaussian_act(obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def uniform_act_1d(obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(*obs.shape[:2], 1, generator=generator, device=obs.device) * 2 - 1
-
-
-def assert_episodes_equal(a: Episodes, b: Episodes) -> None:
-    for name in vars(a):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None and y is None) or torch.equal(x, y), name
 
 
 def test_navigation_shapes_and_rewards_by_hand():

@@ -188,6 +188,8 @@ BINOM_K2 = ["--estimator", "binom", "--order", "1", "--num-steps", "2"]
         ([*BINOM_K2, "--fvp-subsample", "1"], False),  # argparse: the last value wins
         (["--estimator", "binom", "--order", "1", "--num-steps", "1"], False),  # exact at K = 1
         (["--num-steps", "2", "--fvp-estimator", "binom", "--fvp-order", "1"], True),
+        ([*BINOM_K2, "--outer", "ppo"], False),  # no Fisher
+        ([*BINOM_K2, "--trust-region", "pre"], False),  # a Fisher without J products
     ],
 )
 def test_train_notes_binom_fisher_on_noisy_episodes(tmp_path, capsys, flags, noted, tiny_argv):
@@ -275,6 +277,21 @@ BAD_FLAGS = {
     "ray address without the ray sampler": (
         ["--ray-address", "auto"],
         "ray-address 'auto' needs sampler: ray",
+    ),
+    "unknown inner loss": (["--inner-loss", "ppg"], "inner-loss must be one of vpg, lvc, dice"),
+    "unknown outer": (["--outer", "sgd"], "outer must be one of trpo, ppo"),
+    "unknown trust region": (["--trust-region", "mid"], "trust-region must be one of post, pre"),
+    "zero clip-eps": (["--outer", "ppo", "--clip-eps", "0"], "clip-eps must be in (0, 1)"),
+    "negative outer-lr": (["--outer", "ppo", "--outer-lr", "-0.001"], "outer-lr must be > 0"),
+    "zero ppo-steps": (["--outer", "ppo", "--ppo-steps", "0"], "ppo-steps must be >= 1"),
+    "negative kl-penalty": (["--kl-penalty", "-0.001"], "kl-penalty must be >= 0"),
+    "zero kl-target": (["--kl-target", "0"], "kl-target must be > 0 or null"),
+    "kl-target without penalty": (
+        ["--kl-target", "0.01", "--kl-penalty", "0"], "it needs kl-penalty > 0",
+    ),
+    "dice on cut episodes": (
+        ["--inner-loss", "dice", "--fvp-subsample", "2", "--fvp-subsample-by", "steps"],
+        "use fvp-subsample-by episodes",
     ),
 }
 
@@ -593,3 +610,20 @@ def test_metaworld_without_the_extra_exit_2_nothing_written(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "[metaworld]" in err[0], err
     assert not folder.exists()
+def test_profile_iteration_cli_several_configs_and_estimators(tmp_path, capsys, tiny_argv):
+    """Two configs x two estimators: four columns, and the ratio row."""
+    script = _load_script("profile_iteration")
+    tiny = [a for a in tiny_argv if a not in ("--no-progress",)]
+    ppo = _yaml(tmp_path, "outer: ppo\nppo-steps: 2\n")
+    trpo = tmp_path / "b.yaml"
+    trpo.write_text("outer: trpo\n")
+    argv = [*tiny, "--config", ppo, "--config", str(trpo)]
+    assert script.main([*argv, "--estimators", "maml,fomaml", "--iterations", "2",
+                        "--skip", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| phase |"))
+    assert header.count(" share |") == 4 and "config maml s" in header and "b fomaml s" in header
+    assert "| Adam updates |" in out and "| line search |" in out
+    assert out.rstrip().splitlines()[-1].startswith("| total / first | 1.00 |")
+    assert script.main([*argv, "--estimators", "binom:3", "--num-steps", "1"]) == 2
+    assert "L <= num-steps" in capsys.readouterr().err
