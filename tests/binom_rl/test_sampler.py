@@ -6,6 +6,7 @@ import signal
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -306,10 +307,15 @@ def test_ray_backend_without_ray_names_the_extra(monkeypatch):
         MultiTaskSampler(NAV, ray_address="auto")
 
 
-def test_process_workers_running_the_policy_match_in_process(user_env_id):
+def test_process_workers_running_the_policy_match_in_process(user_env_id, monkeypatch):
     """act_in_workers with worker processes: the same episodes as in-process (a task's
     episodes split between the two workers), for an act_fn the workers can unpickle; one
-    they cannot (defined in this test module) is a worker error, not a dead worker."""
+    they cannot (from a module that exists only in this process) is a worker error, not a
+    dead worker."""
+    parent_only = types.ModuleType("binom_rl_parent_only_module")
+    exec("import torch\ndef act(obs, generator):\n    return torch.zeros(*obs.shape[:2], 1)\n",
+         parent_only.__dict__)  # fmt: skip
+    monkeypatch.setitem(sys.modules, parent_only.__name__, parent_only)
     with MultiTaskSampler(user_env_id) as local:
         tasks = local.sample_tasks(3, seed=3)
         policy = make_policy(local.observation_space, local.action_space, (8,), "tanh")
@@ -320,6 +326,6 @@ def test_process_workers_running_the_policy_match_in_process(user_env_id):
         assert sampler.act_in_workers and sampler.act_device == torch.device("cpu")
         assert_episodes_equal(sampler.sample(tasks, act, batch_size=3, seed=1), expected)
         with pytest.raises(RuntimeError, match="(?s)worker [01] raised.*ModuleNotFoundError"):
-            sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=1)
+            sampler.sample(tasks, parent_only.act, batch_size=3, seed=1)
     with MultiTaskSampler(user_env_id, act_in_workers=True) as in_process:
         assert not in_process.act_in_workers  # one in-process worker is always stepped
