@@ -37,7 +37,12 @@ import torch
 from tqdm.auto import tqdm
 
 from binom_rl.agents.compare_summary import Row, aggregate, write_summary
-from binom_rl.agents.evaluation import TEST_SEED_OFFSET, evaluate_adaptation, write_results
+from binom_rl.agents.evaluation import (
+    STEP_SIZE_DECAY,
+    TEST_SEED_OFFSET,
+    evaluate_adaptation,
+    write_results,
+)
 from binom_rl.agents.sb3_baselines import BASELINES
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
 from binom_rl.checkpoint import atomic_write, load_checkpoint
@@ -153,6 +158,7 @@ class CompareOptions:
     eval_num_steps: int = 3
     eval_meta_batch_size: int = 40
     eval_num_batches: int = 2
+    eval_step_size_decay: float = STEP_SIZE_DECAY  # test steps beyond K (evaluation.py)
     baseline_timesteps: int | None = None
     progress: bool = True
 
@@ -266,6 +272,10 @@ def plan_comparison(options: CompareOptions) -> Plan:
     ):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if not 0 < options.eval_step_size_decay <= 1:
+        raise ConfigError(
+            f"--eval-step-size-decay must be in (0, 1], got {options.eval_step_size_decay}"
+        )
     # estimator and order are set per run: validate the rest with a neutral choice
     neutral = {"estimator": "fomaml", "order": 0}
     probe = Config.from_dict({**base, **neutral})
@@ -367,6 +377,7 @@ def _execute_estimator(run: RunPlan, plan: Plan) -> None:
         "--num-steps", str(opts.eval_num_steps),
         "--meta-batch-size", str(opts.eval_meta_batch_size),
         "--num-batches", str(opts.eval_num_batches),
+        "--step-size-decay", str(opts.eval_step_size_decay),
         "--seed", str(run.seed + TEST_SEED_OFFSET), "--no-progress",
     ]  # fmt: skip
     _run_logged(evaluate, log, f"evaluating {run.folder.name}")
@@ -409,9 +420,12 @@ def _execute_baseline(run: RunPlan, plan: Plan) -> None:
             params = sb.sb3_to_params(model, sb.policy_for(cfg))
         sb.save_params(params, folder / "params.pt")
         result = evaluate_adaptation(
-            cfg, params, num_steps=opts.eval_num_steps, seed=test_seed, progress=False, **sizes
-        )
+            cfg, params, num_steps=opts.eval_num_steps, seed=test_seed, progress=False,
+            step_size_decay=opts.eval_step_size_decay, **sizes,
+        )  # fmt: skip
         returns, success = result.returns, result.success
+        write_results(folder, returns, success, result.step_sizes)
+        return
     write_results(folder, returns, success)
 
 

@@ -7,12 +7,20 @@ sample again, ... up to ``num_steps`` steps. The result is the mean undiscounted
 of each task after n = 0..num_steps steps, summarised as mean and standard error over
 tasks (the MAML paper's table), and for envs that report success (Meta-World) the
 fraction of each task's episodes that succeeded.
+
+Step sizes (:func:`adaptation_step_sizes`): the K steps the policy was meta-trained for take
+fast-lr; every step beyond them takes ``step_size_decay`` times the previous one. The
+inner loss standardises each task's advantages, so a step's length does not shrink as the
+policy nears the task's optimum, and steps of the training size past the K it was
+meta-trained to land with oscillate around it (docs/results/2dnav_k1.md, "More test
+steps"); the MAML paper's own test scripts also shrink the steps after the first.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,18 @@ from binom_rl.config import Config, ConfigError, load_yaml
 from binom_rl.rl import mean_and_stderr
 
 TEST_SEED_OFFSET = 1_000_003  # test task seeds never coincide with training ones
+STEP_SIZE_DECAY = 0.5  # each test step beyond the meta-trained K: half the previous one
+
+
+def adaptation_step_sizes(
+    cfg: Config, num_steps: int, decay: float = STEP_SIZE_DECAY
+) -> list[float]:
+    """Step size of test steps 1..num_steps: fast-lr for the first num-steps (K) of
+    training, then fast-lr * decay^j for step K + j. ``decay`` 1: every step fast-lr."""
+    if not 0 < decay <= 1:
+        raise ConfigError(f"step-size-decay must be in (0, 1], got {decay}")
+    return [cfg.fast_lr * decay ** max(0, n - cfg.num_steps) for n in range(1, num_steps + 1)]
+
 
 
 def load_run(run: str | os.PathLike, device: str | None = None) -> tuple[Config, dict]:
@@ -48,6 +68,7 @@ class Evaluation:
 
     returns: np.ndarray  # mean return of the task's episodes
     success: np.ndarray | None = None  # fraction of them that succeeded; None: env has none
+    step_sizes: tuple[float, ...] = ()  # of steps 1..num_steps (adaptation_step_sizes)
 
 
 def evaluate_params(
@@ -59,12 +80,13 @@ def evaluate_params(
     num_batches: int,
     seed: int | None = None,
     progress: bool = True,
+    step_size_decay: float = STEP_SIZE_DECAY,
 ) -> np.ndarray:
     """Returns [num_batches * meta_batch_size, num_steps + 1]: mean return per task and step
     (:func:`evaluate_adaptation`'s returns)."""
     return evaluate_adaptation(
         cfg, params, num_steps=num_steps, meta_batch_size=meta_batch_size,
-        num_batches=num_batches, seed=seed, progress=progress,
+        num_batches=num_batches, seed=seed, progress=progress, step_size_decay=step_size_decay,
     ).returns  # fmt: skip
 
 
@@ -77,6 +99,7 @@ def evaluate_adaptation(
     num_batches: int,
     seed: int | None = None,
     progress: bool = True,
+    step_size_decay: float = STEP_SIZE_DECAY,
 ) -> Evaluation:
     """Returns and success rates [num_batches * meta_batch_size, num_steps + 1] of the test
     tasks (module doc)."""
@@ -87,6 +110,7 @@ def evaluate_adaptation(
     ):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    step_sizes = adaptation_step_sizes(cfg, num_steps, step_size_decay)
     seed = cfg.seed + TEST_SEED_OFFSET if seed is None else seed
     returns, success = [], []
     with open_sampler(cfg) as sampler:
@@ -95,13 +119,17 @@ def evaluate_adaptation(
             tasks = sampler.sample_tasks(
                 meta_batch_size, seed=derive_seed(seed, batch, 0), split="test"
             )
-            result = learner.adapt(params, tasks, num_steps, seed=derive_seed(seed, batch, 1))
+            result = learner.adapt(
+                params, tasks, num_steps, seed=derive_seed(seed, batch, 1), step_sizes=step_sizes
+            )
             returns.append(np.stack([e.returns.mean(dim=1).cpu().numpy()
                                      for e in result.episodes], axis=1))  # fmt: skip
             if result.episodes[0].successes is not None:
                 success.append(np.stack([e.successes.double().mean(dim=1).cpu().numpy()
                                          for e in result.episodes], axis=1))  # fmt: skip
-    return Evaluation(np.concatenate(returns), np.concatenate(success) if success else None)
+    return Evaluation(
+        np.concatenate(returns), np.concatenate(success) if success else None, tuple(step_sizes)
+    )
 
 
 def summarize(returns: np.ndarray, success: np.ndarray | None = None) -> list[dict[str, float]]:
@@ -120,14 +148,18 @@ def summarize(returns: np.ndarray, success: np.ndarray | None = None) -> list[di
 
 
 def write_results(
-    folder: str | os.PathLike, returns: np.ndarray, success: np.ndarray | None = None
+    folder: str | os.PathLike,
+    returns: np.ndarray,
+    success: np.ndarray | None = None,
+    step_sizes: Sequence[float] = (),
 ) -> list[dict[str, float]]:
-    """results.npz (per-task returns and success rates) and results.csv (the summary table)
-    in ``folder``."""
+    """results.npz (per-task returns and success rates, the test steps' sizes) and
+    results.csv (the summary table) in ``folder``."""
     folder = Path(folder)
     summary = summarize(returns, success)
     arrays = {
         "returns": returns,
+        "step_sizes": np.asarray(step_sizes, dtype=np.float64),
         "mean": [r["mean_return"] for r in summary],
         "stderr": [r["stderr"] for r in summary],
     }
@@ -148,11 +180,14 @@ def write_results(
     return summary
 
 
-def format_table(summary: list[dict[str, float]], num_tasks: int) -> str:
+def format_table(
+    summary: list[dict[str, float]], num_tasks: int, step_sizes: Sequence[float] = ()
+) -> str:
     with_success = "success_rate" in summary[0]
     what = "return and success rate" if with_success else "return"
+    sizes = f" (step sizes {', '.join(f'{a:g}' for a in step_sizes)})" if step_sizes else ""
     lines = [
-        f"{what} after n inner steps, mean +- standard error over {num_tasks} test tasks",
+        f"{what} after n inner steps{sizes}, mean +- standard error over {num_tasks} test tasks",
         "| steps | mean return | std. error |" + (" success rate | std. error |" * with_success),
         "|---|---|---|" + ("---|---|" * with_success),
     ]

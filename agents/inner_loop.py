@@ -178,12 +178,17 @@ class InnerLoop:
         num_steps: int,
         seed: int,
         keep_hessians: bool = False,
+        step_sizes: Sequence[float] | None = None,
     ) -> AdaptationResult:
         """Sample and take ``num_steps`` inner steps per task; sample again after each.
 
         ``keep_hessians``: also keep each step's graph as its Hessian product, so that the
         meta-gradient does not rebuild it (the graphs live until the result drops them).
+        ``step_sizes``: step k's size (one per step); None: fast-lr for every step, as in
+        training.
         """
+        if step_sizes is not None and len(step_sizes) != num_steps:
+            raise ValueError(f"{len(step_sizes)} step sizes for {num_steps} inner steps")
         num_tasks = len(tasks)
         phi = {k: v.unsqueeze(0).expand(num_tasks, *v.shape) for k, v in params.items()}
         path, inner_data, episodes, hessians = [phi], [], [], []
@@ -193,7 +198,8 @@ class InnerLoop:
                 break
             data = self.inner_batch(episodes[-1], phi)
             inner_data.append(data)
-            phi, hvp = self.step(phi, data, keep_hessians)
+            step_size = step_sizes[k] if step_sizes is not None else None
+            phi, hvp = self.step(phi, data, keep_hessians, step_size)
             if hvp is not None:
                 hessians.append(hvp)
             check_finite(f"inner step {k + 1} parameters", phi)
@@ -201,16 +207,19 @@ class InnerLoop:
         return AdaptationResult(episodes, inner_data, path, hessians if keep_hessians else None)
 
     def step(
-        self, phi: Params, data: dict[str, Any], keep_hessian: bool = False
+        self,
+        phi: Params,
+        data: dict[str, Any],
+        keep_hessian: bool = False,
+        step_size: float | None = None,
     ) -> tuple[Params, HessianProduct | None]:
-        """phi - fast-lr * grad L_in(phi) per task, and H = hess L_in(phi) from the step's own
-        graph if ``keep_hessian``."""
+        """phi - a * grad L_in(phi) per task (a: ``step_size``, default fast-lr), and
+        H = hess L_in(phi) from the step's own graph if ``keep_hessian``."""
+        a = self.cfg.fast_lr if step_size is None else step_size
         with self.phases("inner steps"):
             if keep_hessian:
-                return batched_inner_step_with_hessian(
-                    self.loss, phi, data, step_size=self.cfg.fast_lr
-                )
-            return batched_inner_step(self.loss, phi, data, step_size=self.cfg.fast_lr), None
+                return batched_inner_step_with_hessian(self.loss, phi, data, step_size=a)
+            return batched_inner_step(self.loss, phi, data, step_size=a), None
 
     def readapt(
         self, params: Params, inner_data: Sequence[dict[str, Any]], keep_hessians: bool = False

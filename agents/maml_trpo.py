@@ -92,10 +92,10 @@ class MetaLearner:
 
     def adapt(
         self, params: Params, tasks: Sequence[dict], num_steps: int, seed: int,
-        keep_hessians: bool = False,
+        keep_hessians: bool = False, step_sizes: Sequence[float] | None = None,
     ) -> AdaptationResult:  # fmt: skip
         """:meth:`InnerLoop.adapt <binom_rl.agents.inner_loop.InnerLoop.adapt>`."""
-        return self.inner.adapt(params, tasks, num_steps, seed, keep_hessians)
+        return self.inner.adapt(params, tasks, num_steps, seed, keep_hessians, step_sizes)
 
     def _batch(self, episodes: Episodes) -> dict[str, Tensor]:
         return self.inner.batch(episodes)

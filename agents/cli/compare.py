@@ -18,6 +18,7 @@ import sys
 
 from binom_rl.agents.cli.common import add_common_flags, run_command
 from binom_rl.agents.compare import CompareOptions, run_comparison
+from binom_rl.agents.evaluation import STEP_SIZE_DECAY
 from binom_rl.config import add_config_flags, overrides_from_args
 from binom_rl.runtime import reuse_freed_memory
 
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-num-steps", type=int, default=3, help="inner steps at test time")
     parser.add_argument("--eval-meta-batch-size", type=int, default=40, help="test tasks/batch")
     parser.add_argument("--eval-num-batches", type=int, default=2, help="batches of test tasks")
+    parser.add_argument(
+        "--eval-step-size-decay", type=float, default=STEP_SIZE_DECAY,
+        help="test steps beyond num-steps: this times the previous step's size",
+    )  # fmt: skip
     parser.add_argument(
         "--baseline-timesteps",
         type=int,
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_num_steps=args.eval_num_steps,
         eval_meta_batch_size=args.eval_meta_batch_size,
         eval_num_batches=args.eval_num_batches,
+        eval_step_size_decay=args.eval_step_size_decay,
         baseline_timesteps=args.baseline_timesteps,
         progress=not args.no_progress,
     )

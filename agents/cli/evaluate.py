@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 from binom_rl.agents.cli.common import add_common_flags, run_command
-from binom_rl.agents.evaluation import evaluate_adaptation, format_table, load_run, write_results
+from binom_rl.agents.evaluation import (
+    STEP_SIZE_DECAY,
+    evaluate_adaptation,
+    format_table,
+    load_run,
+    write_results,
+)
 from binom_rl.config import ConfigError
 from binom_rl.runtime import reuse_freed_memory
 
@@ -28,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=None, help="test seed (default: run seed + offset)"
     )
+    parser.add_argument(
+        "--step-size-decay", type=float, default=STEP_SIZE_DECAY,
+        help="each test step beyond the num-steps the run was trained with takes this times "
+        "the previous step's size (1: every step fast-lr)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--output-folder", default=None, help="where results go (default: --run)")
     parser.add_argument("--no-progress", action="store_true")
@@ -52,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             num_batches=args.num_batches,
             seed=args.seed,
             progress=not args.no_progress,
+            step_size_decay=args.step_size_decay,
         )
-        summary = write_results(output, result.returns, result.success)
-        print(format_table(summary, result.returns.shape[0]))
+        summary = write_results(output, result.returns, result.success, result.step_sizes)
+        print(format_table(summary, result.returns.shape[0], result.step_sizes))
         return 0
 
     return run_command(work, verbose=args.verbose, log_folder=output)

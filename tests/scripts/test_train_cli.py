@@ -122,6 +122,25 @@ def test_evaluate_writes_results(finished_run, tmp_path, capsys):
     assert set(rows[0]) == {"step", "mean_return", "stderr"}
 
 
+def test_evaluate_step_size_decay(finished_run, tmp_path, capsys):
+    """Steps beyond the run's K = 2 shrink by --step-size-decay (recorded and printed); a
+    decay outside (0, 1] is one error line, exit 2, nothing written."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    argv = ["--run", str(finished_run), "--num-steps", "3", "--meta-batch-size", "2"]
+    argv += ["--num-batches", "1", "--no-progress", "--output-folder", str(out)]
+    assert evaluate_cli.main([*argv, "--step-size-decay", "0.25"]) == 0
+    assert "(step sizes 0.1, 0.1, 0.025)" in capsys.readouterr().out
+    with np.load(out / "results.npz") as results:
+        np.testing.assert_allclose(results["step_sizes"], [0.1, 0.1, 0.025])
+    for path in out.iterdir():
+        path.unlink()
+    assert evaluate_cli.main([*argv, "--step-size-decay", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: step-size-decay must be in (0, 1], got 0.0"]
+    assert list(out.iterdir()) == []
+
+
 def test_inspect_curvature_prints_table_and_refuses_bad_input(finished_run, tmp_path, capsys):
     cli = _load_script("inspect_curvature")
     assert cli.main(["--run", str(finished_run), "--meta-batch-size", "2", "--iters", "5"]) == 0

@@ -1,0 +1,69 @@
+"""Meta-test step sizes: the schedule, its effect on the inner steps (against a gradient
+step computed by hand from the stored inner data), and that only steps beyond K change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from binom_rl.agents.evaluation import adaptation_step_sizes, evaluate_adaptation
+from binom_rl.agents.maml_trpo import MetaLearner
+from binom_rl.config import Config, ConfigError
+from binom_rl.metagrad import task_gradients
+from binom_rl.sampler import MultiTaskSampler
+
+
+@pytest.mark.parametrize(
+    "num_train_steps,num_steps,decay,expected",
+    [
+        (1, 3, 0.5, [0.1, 0.05, 0.025]),
+        (1, 1, 0.5, [0.1]),
+        (3, 3, 0.5, [0.1, 0.1, 0.1]),
+        (2, 4, 0.25, [0.1, 0.1, 0.025, 0.00625]),
+        (1, 3, 1.0, [0.1, 0.1, 0.1]),
+    ],
+)
+def test_adaptation_step_sizes(tiny_config, num_train_steps, num_steps, decay, expected):
+    cfg = Config.from_dict(tiny_config(num_steps=num_train_steps, fast_lr=0.1))
+    assert adaptation_step_sizes(cfg, num_steps, decay) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.5, float("nan")])
+def test_adaptation_step_sizes_reject_a_bad_decay(tiny_config, decay):
+    with pytest.raises(ConfigError, match="step-size-decay must be in \\(0, 1\\]"):
+        adaptation_step_sizes(Config.from_dict(tiny_config()), 3, decay)
+
+
+def test_each_inner_step_takes_its_own_size(tiny_config):
+    """phi_{k+1} = phi_k - a_k grad L_in(phi_k), the gradient taken afresh from the stored
+    inner batch of step k."""
+    cfg = Config.from_dict(tiny_config(seed=2))
+    with MultiTaskSampler(cfg.env_name, max_episode_steps=cfg.max_episode_steps) as sampler:
+        learner = MetaLearner(cfg, sampler)
+        params = learner.init_params(cfg.seed)
+        tasks = sampler.sample_tasks(3, seed=5)
+        sizes = [0.1, 0.03]
+        result = learner.adapt(params, tasks, 2, seed=7, step_sizes=sizes)
+        for k, a in enumerate(sizes):
+            grads = task_gradients(learner.inner_loss, result.path[k], result.inner_data[k])
+            for name, value in result.path[k + 1].items():
+                expected = result.path[k][name] - a * grads[name]
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+        with pytest.raises(ValueError, match="1 step sizes for 2 inner steps"):
+            learner.adapt(params, tasks, 2, seed=7, step_sizes=[0.1])
+
+
+def test_the_decay_changes_only_the_steps_beyond_training(tiny_config):
+    """K = 1: the same test tasks and episodes give the same returns after 0 and 1 steps
+    with any decay; after 2 and 3 steps they differ, and the step sizes are recorded."""
+    cfg = Config.from_dict(tiny_config(num_steps=1, fast_lr=0.5))
+    with MultiTaskSampler(cfg.env_name, max_episode_steps=cfg.max_episode_steps) as sampler:
+        params = MetaLearner(cfg, sampler).init_params(0)
+    sizes = dict(num_steps=3, meta_batch_size=3, num_batches=1, seed=11, progress=False)
+    halving = evaluate_adaptation(cfg, params, step_size_decay=0.5, **sizes)
+    fixed = evaluate_adaptation(cfg, params, step_size_decay=1.0, **sizes)
+    assert halving.step_sizes == pytest.approx((0.5, 0.25, 0.125))
+    assert fixed.step_sizes == pytest.approx((0.5, 0.5, 0.5))
+    np.testing.assert_array_equal(halving.returns[:, :2], fixed.returns[:, :2])
+    assert not np.allclose(halving.returns[:, 2:], fixed.returns[:, 2:])
