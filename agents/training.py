@@ -231,6 +231,24 @@ def _loop(
     return metrics
 
 
+def export_policy(run: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A trained run's policy alone, for sharing: ``dest/config.yaml`` and ``dest/policy.pt``
+    with the parameters, iteration and config (no RNG state, metrics or events), which
+    ``evaluate.py --run dest`` loads. ``dest`` must not hold a run already (ConfigError)."""
+    src, out = Path(run), Path(dest)
+    if not (src / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"{src} has no {CHECKPOINT_FILE}: not a training run folder")
+    if (out / CHECKPOINT_FILE).exists() or (out / CONFIG_FILE).exists():
+        raise ConfigError(f"{out} already holds a {CHECKPOINT_FILE} or {CONFIG_FILE}")
+    state = load_checkpoint(src / CHECKPOINT_FILE)
+    cfg = Config.from_saved(load_yaml(src / CONFIG_FILE))
+    out.mkdir(parents=True, exist_ok=True)
+    policy = {"params": state["params"], "iteration": state["iteration"], "config": state["config"]}
+    save_checkpoint(policy, out / CHECKPOINT_FILE)
+    save_config(cfg, out / CONFIG_FILE)
+    return out
+
+
 def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:
     """TensorBoard scalars of a run folder: tag -> {step: value} (later events win)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

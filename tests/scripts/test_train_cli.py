@@ -141,6 +141,32 @@ def test_evaluate_step_size_decay(finished_run, tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
+def test_export_policy_re_evaluates_to_the_run(finished_run, tmp_path, capsys):
+    """The exported folder holds the policy alone and evaluates exactly as the run does;
+    exporting onto it again is refused (exit 2) and leaves it as it was."""
+    export_cli = _load_script("export_policy")
+    dest = tmp_path / "shipped"
+    assert export_cli.main(["--run", str(finished_run), "--output-folder", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["config.yaml", "policy.pt"]
+    state = load_checkpoint(dest / "policy.pt")
+    assert set(state) == {"params", "iteration", "config"} and state["iteration"] == 2
+    results = []
+    for run in (finished_run, dest):
+        out = tmp_path / f"eval-{run.name}"
+        out.mkdir()
+        argv = ["--run", str(run), "--num-steps", "1", "--meta-batch-size", "2"]
+        assert evaluate_cli.main([*argv, "--num-batches", "1", "--no-progress",
+                                  "--output-folder", str(out)]) == 0  # fmt: skip
+        with np.load(out / "results.npz") as r:
+            results.append(r["returns"])
+    np.testing.assert_array_equal(*results)
+    before = (dest / "policy.pt").read_bytes()
+    capsys.readouterr()
+    assert export_cli.main(["--run", str(finished_run), "--output-folder", str(dest)]) == 2
+    assert "already holds a policy.pt" in capsys.readouterr().err
+    assert (dest / "policy.pt").read_bytes() == before
+
+
 def test_inspect_curvature_prints_table_and_refuses_bad_input(finished_run, tmp_path, capsys):
     cli = _load_script("inspect_curvature")
     assert cli.main(["--run", str(finished_run), "--meta-batch-size", "2", "--iters", "5"]) == 0
