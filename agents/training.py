@@ -273,8 +273,10 @@ def _save_line_plot(
     output: str | os.PathLike,
     ylabel: str,
     title: str | None = None,
+    env_steps_per_iteration: int | None = None,
 ) -> Path:
-    """One PNG of (iterations, values, label) curves against the meta-iteration."""
+    """One PNG of (iterations, values, label) curves against the meta-iteration, with a
+    second x-axis of env steps where ``env_steps_per_iteration`` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,6 +286,11 @@ def _save_line_plot(
     for steps, values, label in curves:
         ax.plot(steps, values, label=label)
     ax.set_xlabel("meta-iteration")
+    if env_steps_per_iteration:
+        per_million = env_steps_per_iteration / 1e6
+        top = ax.secondary_xaxis("top", functions=(lambda i: i * per_million,
+                                                   lambda m: m / per_million))  # fmt: skip
+        top.set_xlabel("env steps sampled (millions)")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
@@ -337,5 +344,19 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -
         label = f"after {tag.rsplit('_', 1)[1]} inner steps"
         curves.append((steps, [scalars[tag][s] for s in steps], label))
     return _save_line_plot(
-        curves, output, "mean return of the sampled episodes", title=str(Path(folder).name)
-    )
+        curves, output, "mean return of the sampled episodes", title=str(Path(folder).name),
+        env_steps_per_iteration=_env_steps_per_iteration(folder),
+    )  # fmt: skip
+
+
+def _env_steps_per_iteration(folder: str | os.PathLike) -> int | None:
+    """meta-batch x fast-batch x (K + 1) x horizon of the run's config: the env steps one
+    iteration samples when no episode ends early; None where the config leaves the horizon
+    to the env (max-episode-steps null)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    cfg = Config.from_saved(load_yaml(path))
+    if cfg.max_episode_steps is None:
+        return None
+    return cfg.meta_batch_size * cfg.fast_batch_size * (cfg.num_steps + 1) * cfg.max_episode_steps

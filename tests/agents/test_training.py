@@ -185,3 +185,15 @@ def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run
     # a saved value always wins over the legacy default
     steps = saved_run("steps-run", {**raw, "fvp-subsample-by": "steps"})
     assert load_run(steps)[0].fvp_subsample_by == "steps"
+
+
+def test_env_steps_per_iteration_from_the_saved_config(tmp_path, tiny_config):
+    """meta-batch 3 x fast-batch 4 x (K + 1 = 2) x horizon 10; none without a horizon."""
+    from binom_rl.agents.training import _env_steps_per_iteration
+    from binom_rl.config import Config, save_config
+
+    save_config(Config.from_dict(tiny_config()), tmp_path / "config.yaml")
+    assert _env_steps_per_iteration(tmp_path) == 3 * 4 * 2 * 10
+    save_config(Config.from_dict(tiny_config(max_episode_steps=None)), tmp_path / "config.yaml")
+    assert _env_steps_per_iteration(tmp_path) is None
+    assert _env_steps_per_iteration(tmp_path / "missing") is None
