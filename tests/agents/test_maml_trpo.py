@@ -21,14 +21,6 @@ NAV = "binom_rl/2DNavigation-v0"
 MDP = "binom_rl/TabularMDP-v0"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def samplers():
     opened: dict[str, MultiTaskSampler] = {}
