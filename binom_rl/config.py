@@ -331,7 +331,7 @@ class Config:
                 "the policy sharpens (binom-rl-inspect-curvature), out of the expansion's "
                 "reach; on 2D navigation at K = 3 this trained clearly worse than exact MAML. "
                 "Consider --fvp-estimator maml or --fvp-subsample-by steps "
-                "(docs/results/2dnav_k3_fvp_subsample.md)"
+                "(docs/notes/fisher_data.md)"
             )
         return notes
 
