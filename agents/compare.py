@@ -44,7 +44,7 @@ from binom_rl.agents.evaluation import (
     write_results,
 )
 from binom_rl.agents.sb3_baselines import BASELINES
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE
+from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, run_budget
 from binom_rl.checkpoint import atomic_write, load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml, save_config
 from binom_rl.metagrad import METHODS, effective_order
@@ -202,12 +202,6 @@ def _env_horizon(cfg: Config) -> int:
     if horizon is None:
         raise ConfigError(f"{cfg.env_name} has no registered horizon: pass --max-episode-steps")
     return int(horizon)
-
-
-def run_budget(cfg: Config, horizon: int, iterations: int | None = None) -> int:
-    """Env steps of meta-training: iterations x meta-batch x fast-batch x (K + 1) x horizon."""
-    iterations = cfg.num_batches if iterations is None else iterations
-    return iterations * cfg.meta_batch_size * cfg.fast_batch_size * (cfg.num_steps + 1) * horizon
 
 
 def _results_ok(folder: Path, num_tasks: int, num_steps: int) -> bool:

@@ -359,4 +359,10 @@ def _env_steps_per_iteration(folder: str | os.PathLike) -> int | None:
     cfg = Config.from_saved(load_yaml(path))
     if cfg.max_episode_steps is None:
         return None
-    return cfg.meta_batch_size * cfg.fast_batch_size * (cfg.num_steps + 1) * cfg.max_episode_steps
+    return run_budget(cfg, cfg.max_episode_steps, iterations=1)
+
+
+def run_budget(cfg: Config, horizon: int, iterations: int | None = None) -> int:
+    """Env steps of meta-training: iterations x meta-batch x fast-batch x (K + 1) x horizon."""
+    iterations = cfg.num_batches if iterations is None else iterations
+    return iterations * cfg.meta_batch_size * cfg.fast_batch_size * (cfg.num_steps + 1) * horizon
