@@ -18,7 +18,7 @@ Keys by part of the algorithm:
 - meta-gradient estimator and engine: ``estimator``, ``order``, ``chunk-size``,
   ``hvp-mode``, ``diagnose-every``;
 - policy and run: ``hidden-sizes``, ``nonlinearity``, ``init-std``, ``rescale-actions``,
-  ``seed``, ``device``, ``num-workers``.
+  ``clip-actions``, ``seed``, ``device``, ``num-workers``.
 
 The keys of the outer algorithm a run does not use are validated and otherwise ignored.
 """
@@ -55,6 +55,7 @@ TRUST_REGIONS = ("post", "pre")
 # default is today).
 SAVED_RUN_DEFAULTS: dict[str, Any] = {
     "rescale-actions": False,
+    "clip-actions": False,
     "fvp-subsample-by": "episodes",
     "inner-loss": "vpg",
     "outer": "trpo",
@@ -113,6 +114,10 @@ class Config:
     # env's Box bounds, as rllab's normalize() did for every task in the MAML paper.
     # Identity for bounds [-1, 1] (all MuJoCo tasks here); 2D navigation's are +-0.1.
     rescale_actions: bool = True
+    # The env gets the actions clipped to its Box bounds (after rescaling), as normalize()
+    # clipped them; the control costs of the MuJoCo tasks are then paid on the action the
+    # physics applies, not on a Gaussian sample beyond the bounds (docs/results/locomotion.md).
+    clip_actions: bool = True
     # meta-gradient estimator
     estimator: str = "binom"
     order: int = 1

@@ -95,6 +95,7 @@ class RolloutPlan:
     act_shape: tuple[int, ...]  # () for Discrete actions
     action_scale: tuple[np.ndarray, np.ndarray] | None  # (scale, offset), see the sampler
     seed: int
+    action_bounds: tuple[np.ndarray, np.ndarray] | None = None  # (low, high) to clip to
 
 
 def _checked_actions(actions: Any, expected: tuple[int, ...], discrete: bool) -> torch.Tensor:
@@ -125,6 +126,7 @@ def _step_envs(
     step: Callable[[np.ndarray], tuple[np.ndarray, ...]],
     horizon: int,
     action_scale: tuple[np.ndarray, np.ndarray] | None,
+    action_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray | None]:
     """Run n envs from their first observations ``obs`` [n, obs_dim] for ``horizon`` steps
     or until every episode has ended: the one loop that masks episodes, whoever steps.
@@ -135,7 +137,9 @@ def _step_envs(
     its reward 0. Returns the recorded observations and actions per step (up to the last
     step in which some episode ran), rewards, mask [horizon, n] float32, and, where ``step``
     reports success, whether each episode succeeded at some running step ([n] bool; the
-    step an episode ends on counts), else None.
+    step an episode ends on counts), else None. The env gets the actions rescaled by
+    ``action_scale`` (scale, offset) and then clipped to ``action_bounds`` (low, high),
+    where given; the recorded actions are the policy's own.
     """
     n = len(obs)
     alive = np.ones(n, dtype=bool)
@@ -154,6 +158,8 @@ def _step_envs(
         if action_scale is not None:
             scale, offset = action_scale
             act_np = (act_np * scale + offset).astype(act_np.dtype)
+        if action_bounds is not None:
+            act_np = np.clip(act_np, *action_bounds).astype(act_np.dtype, copy=False)
         out = step(act_np)
         obs, reward, terminated = out[:3]
         rewards[h] = np.where(alive, reward, 0.0)
@@ -223,7 +229,7 @@ class _WorkerCore:
             return torch.from_numpy(obs), actions.reshape(T * B, *plan.act_shape)[lo:hi]
 
         obs_steps, act_steps, rewards, mask, succeeded = _step_envs(
-            obs, policy, self.step, plan.horizon, plan.action_scale
+            obs, policy, self.step, plan.horizon, plan.action_scale, plan.action_bounds
         )
         result = {
             "observations": torch.stack(obs_steps).numpy(),
@@ -426,6 +432,7 @@ class MultiTaskSampler:
         max_episode_steps: int | None = None,
         device: str | torch.device = "cpu",
         rescale_actions: bool = False,
+        clip_actions: bool = False,
         backend: str = "local",
         ray_address: str | None = None,
         act_in_workers: bool | None = None,
@@ -478,6 +485,15 @@ class MultiTaskSampler:
                 )
             if not (low == -1).all() or not (high == 1).all():
                 self._action_scale = ((high - low) / 2, (high + low) / 2)
+        # clip_actions: the env gets its actions clipped to its bounds (after rescaling), as
+        # rllab's normalize() clipped them, so an env's control cost is paid on the action
+        # the physics applies; the episodes record the policy's unclipped sample, whose
+        # log-probability the losses use (stable-baselines3 does the same).
+        self._action_bounds: tuple[np.ndarray, np.ndarray] | None = None
+        if clip_actions and self._act_shape:
+            low, high = self.action_space.low, self.action_space.high
+            if np.isfinite(low).any() or np.isfinite(high).any():
+                self._action_bounds = (low.astype(np.float32), high.astype(np.float32))
         if max_episode_steps is not None and max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         horizon = max_episode_steps or self.env_spec.max_episode_steps
@@ -509,7 +525,7 @@ class MultiTaskSampler:
         cls, cfg: Config, device: str | torch.device | None = None
     ) -> MultiTaskSampler:
         """The sampler a run's config describes (env, kwargs, horizon, workers, action
-        rescaling, backend), on ``device`` (default ``cfg.device``)."""
+        rescaling and clipping, backend), on ``device`` (default ``cfg.device``)."""
         return cls(
             cfg.env_name,
             num_workers=cfg.num_workers,
@@ -517,6 +533,7 @@ class MultiTaskSampler:
             max_episode_steps=cfg.max_episode_steps,
             device=cfg.device if device is None else device,
             rescale_actions=cfg.rescale_actions,
+            clip_actions=cfg.clip_actions,
             backend=cfg.sampler,
             ray_address=cfg.ray_address,
         )
@@ -612,7 +629,7 @@ class MultiTaskSampler:
             return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
         obs_steps, act_steps, rewards, mask, succeeded = _step_envs(
-            obs, policy, step, self.horizon, self._action_scale
+            obs, policy, step, self.horizon, self._action_scale, self._action_bounds
         )
         return torch.stack(obs_steps), torch.stack(act_steps), rewards, mask, succeeded
 
@@ -624,7 +641,7 @@ class MultiTaskSampler:
 
         def args(lo: int, hi: int) -> tuple:
             plan = RolloutPlan(lo, hi, T, B, self.horizon, obs_dim, tuple(self._act_shape),
-                               self._action_scale, int(seed))
+                               self._action_scale, int(seed), self._action_bounds)
             return env_tasks[lo:hi], seeds[lo:hi], shared, plan
 
         self._send(slices, "rollout", args)

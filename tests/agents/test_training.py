@@ -143,22 +143,26 @@ def test_check_finite_names_the_place():
         maml_trpo._check_finite("meta-gradient", {"w": torch.tensor([1.0, float("inf")])})
 
 
-def test_training_passes_rescale_actions_to_the_sampler(tmp_path, monkeypatch, _cfg):
+def test_training_passes_rescale_and_clip_actions_to_the_sampler(tmp_path, monkeypatch, _cfg):
     seen = []
     original = maml_trpo.MetaLearner.__init__
 
     def spy(self, cfg, sampler, policy=None):
-        seen.append(sampler._action_scale)
+        seen.append((sampler._action_scale, sampler._action_bounds))
         original(self, cfg, sampler, policy)
 
     monkeypatch.setattr(maml_trpo.MetaLearner, "__init__", spy)
     train(_cfg(num_batches=1), tmp_path / "on", progress=False)
-    train(_cfg(num_batches=1, rescale_actions=False), tmp_path / "off", progress=False)
-    scale, offset = seen[0]  # 2D navigation: [-1, 1] -> [-0.1, 0.1]
+    train(_cfg(num_batches=1, rescale_actions=False, clip_actions=False), tmp_path / "off",
+          progress=False)
+    (scale, offset), (low, high) = seen[0]  # 2D navigation: [-1, 1] -> [-0.1, 0.1]
     torch.testing.assert_close(torch.as_tensor(scale), torch.full((2,), 0.1))
     torch.testing.assert_close(torch.as_tensor(offset), torch.zeros(2))
-    assert seen[1] is None
-    assert load_yaml(tmp_path / "on" / CONFIG_FILE)["rescale-actions"] is True
+    torch.testing.assert_close(torch.as_tensor(high), torch.full((2,), 0.1))
+    torch.testing.assert_close(torch.as_tensor(low), torch.full((2,), -0.1))
+    assert seen[1] == (None, None)
+    saved = load_yaml(tmp_path / "on" / CONFIG_FILE)
+    assert saved["rescale-actions"] is True and saved["clip-actions"] is True
 
 
 def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run, tmp_path):
@@ -177,9 +181,11 @@ def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run
     raw = load_yaml(folder / CONFIG_FILE)
     assert raw.pop("rescale-actions") is True
     raw.pop("fvp-subsample-by")
+    assert raw.pop("clip-actions") is True
     cfg, _ = load_run(saved_run("old-run", raw))
     # what that run did, not today's defaults
     assert cfg.rescale_actions is False and cfg.fvp_subsample_by == "episodes"
+    assert cfg.clip_actions is False
     assert load_run(folder)[0].rescale_actions is True
     assert Config.from_dict(raw).rescale_actions is True
     # a saved value always wins over the legacy default

@@ -85,7 +85,8 @@ CASES = [
 @pytest.mark.parametrize("env_id,num_workers,act_in_workers", CASES)
 def test_ray_gives_the_local_episodes(helpers, env_id, num_workers, act_in_workers):
     """3 tasks x 3 episodes: 2 or 3 actors split a task's episodes between them."""
-    options = {"max_episode_steps": 6 if env_id != COUNTDOWN else None, "rescale_actions": True}
+    options = {"max_episode_steps": 6 if env_id != COUNTDOWN else None, "rescale_actions": True,
+               "clip_actions": True}
     with MultiTaskSampler(env_id, **options) as local:
         tasks = local.sample_tasks(3, seed=1)
         act = policy_act(local, 3)

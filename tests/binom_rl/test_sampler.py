@@ -129,6 +129,35 @@ def test_rescale_actions_needs_finite_bounds_and_ignores_discrete(monkeypatch):
         assert sampler.sample_tasks(1, seed=0)
 
 
+def test_clip_actions_charges_the_control_cost_on_the_applied_action():
+    """HalfCheetahDir, r = d v_x - 0.05 |a|^2: MuJoCo clamps ctrl to [-1, 1] either way, so
+    a constant 3 moves the cheetah as a constant 1 does; only the cost differs."""
+
+    def constant(value):
+        return lambda obs, generator: torch.full((*obs.shape[:2], 6), value)
+
+    env_id = "binom_rl/HalfCheetahDir-v0"
+
+    def rewards(value, clip):
+        with MultiTaskSampler(env_id, max_episode_steps=4, clip_actions=clip) as sampler:
+            episodes = sampler.sample([{"direction": 1.0}], constant(value), 2, seed=3)
+        return episodes
+
+    at_one, over, clipped = rewards(1.0, False), rewards(3.0, False), rewards(3.0, True)
+    torch.testing.assert_close(clipped.rewards, at_one.rewards)
+    torch.testing.assert_close(over.rewards, at_one.rewards - 0.05 * 6 * (9 - 1))
+    assert torch.all(clipped.actions == 3.0)  # episodes keep the policy's own actions
+    torch.testing.assert_close(clipped.observations, at_one.observations)
+
+
+def test_clip_actions_ignores_discrete_and_infinite_bounds(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
+    with MultiTaskSampler("binom_rl_test_envs:UnboundedActions-v0", clip_actions=True) as s:
+        assert s._action_bounds is None
+    with MultiTaskSampler("binom_rl/Bandit-v0", clip_actions=True) as sampler:
+        assert sampler._action_bounds is None
+
+
 def test_same_seed_same_episodes_and_seeds_matter():
     with MultiTaskSampler(NAV, max_episode_steps=20) as sampler:
         assert sampler.horizon == 20
