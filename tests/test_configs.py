@@ -64,9 +64,11 @@ def test_config_loads_for_a_registered_env(path):
         return
     assert cfg.max_episode_steps in (None, horizon)
     # The MAML-RL settings the MuJoCo configs share: the MAML paper's (Finn et al. 2017)
-    # fast-lr, episodes per step and meta-batch, pytorch-maml-rl's TRPO constants and (64, 64)
-    # tanh policy, and this library's default estimator.
+    # fast-lr, episodes per step and meta-batch, pytorch-maml-rl's TRPO constants, and this
+    # library's default estimator; the paper's (100, 100) ReLU policy for its HalfCheetah and
+    # Ant tasks, (64, 64) tanh for the random-parameter ones (ProMP's tasks).
     if cfg.env_name in MUJOCO:
+        paper_task = "HalfCheetah" in cfg.env_name or "Ant" in cfg.env_name
         expected = {
             "fast-lr": 0.1,
             "fast-batch-size": 20,
@@ -80,8 +82,8 @@ def test_config_loads_for_a_registered_env(path):
             "ls-backtrack-ratio": 0.8,
             "gamma": 0.99,
             "gae-lambda": 1.0,
-            "hidden-sizes": [64, 64],
-            "nonlinearity": "tanh",
+            "hidden-sizes": [100, 100] if paper_task else [64, 64],
+            "nonlinearity": "relu" if paper_task else "tanh",
             "estimator": "binom",
             "order": 1,
         }
