@@ -159,7 +159,7 @@ def _step_envs(
             scale, offset = action_scale
             act_np = (act_np * scale + offset).astype(act_np.dtype)
         if action_bounds is not None:
-            act_np = np.clip(act_np, *action_bounds).astype(act_np.dtype, copy=False)
+            act_np = np.clip(act_np, *action_bounds)  # float32 bounds: stays float32
         out = step(act_np)
         obs, reward, terminated = out[:3]
         rewards[h] = np.where(alive, reward, 0.0)

@@ -65,13 +65,11 @@ def test_config_loads_for_a_registered_env(path):
     assert cfg.max_episode_steps in (None, horizon)
     # The MAML-RL settings the MuJoCo configs share: the MAML paper's (Finn et al. 2017)
     # fast-lr, episodes per step and meta-batch, pytorch-maml-rl's TRPO constants, and this
-    # library's default estimator; the paper's (100, 100) ReLU policy for its HalfCheetahDir
-    # and Ant tasks, (64, 64) tanh for the others.
+    # library's default estimator; the paper's (100, 100) ReLU policy for HalfCheetahDir and
+    # the Ant tasks, (64, 64) tanh for the others (HalfCheetahVel keeps the setting of its
+    # shipped policy, docs/results/locomotion.md).
     if cfg.env_name in MUJOCO:
-        # HalfCheetahVel keeps the setting of its shipped policy (docs/results/locomotion.md)
-        paper_task = ("HalfCheetah" in cfg.env_name or "Ant" in cfg.env_name) and (
-            "HalfCheetahVel" not in cfg.env_name
-        )
+        paper_task = "HalfCheetahDir" in cfg.env_name or "Ant" in cfg.env_name
         expected = {
             "fast-lr": 0.1,
             "fast-batch-size": 20,
