@@ -10,6 +10,7 @@ held-out test split where it has one (Meta-World), else from its task distributi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="each test step beyond the num-steps the run was trained with takes this times "
         "the previous step's size (1: every step fast-lr)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fast-lr", type=float, default=None,
+        help="size of the test steps the run was trained with (default: the run's fast-lr); "
+        "--step-size-decay scales the later ones from it",
+    )  # fmt: skip
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--output-folder", default=None, help="where results go (default: --run)")
     parser.add_argument("--no-progress", action="store_true")
@@ -52,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg, params = load_run(args.run, args.device)
+        if args.fast_lr is not None:
+            cfg = dataclasses.replace(cfg, fast_lr=args.fast_lr)
+            cfg.validate()
         if not Path(output).is_dir():  # checked before the work, not when writing after it
             raise ConfigError(f"--output-folder {output} is not a directory")
         reuse_freed_memory()

@@ -141,6 +141,32 @@ def test_evaluate_step_size_decay(finished_run, tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
+def test_evaluate_fast_lr(finished_run, tmp_path, capsys):
+    """--fast-lr sets the size of the run's K = 2 test steps (later ones decay from it) and
+    changes nothing before the first step; a size <= 0 is one error line, nothing written."""
+    returns = {}
+    for lr in (None, "0.1", "0.04"):
+        out = tmp_path / f"eval-{lr}"
+        out.mkdir()
+        argv = ["--run", str(finished_run), "--num-steps", "3", "--meta-batch-size", "2"]
+        argv += ["--num-batches", "1", "--no-progress", "--output-folder", str(out)]
+        assert evaluate_cli.main(argv + ([] if lr is None else ["--fast-lr", lr])) == 0
+        with np.load(out / "results.npz") as results:
+            returns[lr] = results["returns"]
+            sizes = results["step_sizes"]
+    np.testing.assert_allclose(sizes, [0.04, 0.04, 0.02])
+    assert "(step sizes 0.04, 0.04, 0.02)" in capsys.readouterr().out
+    np.testing.assert_array_equal(returns[None], returns["0.1"])  # 0.1 is the run's fast-lr
+    np.testing.assert_array_equal(returns[None][:, 0], returns["0.04"][:, 0])
+    assert not np.array_equal(returns[None][:, 1:], returns["0.04"][:, 1:])
+    out = tmp_path / "eval-bad"
+    out.mkdir()
+    argv = ["--run", str(finished_run), "--fast-lr", "0", "--no-progress", "--output-folder"]
+    assert evaluate_cli.main([*argv, str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: fast-lr must be > 0, got 0.0"]
+    assert list(out.iterdir()) == []
+
+
 def test_export_policy_re_evaluates_to_the_run(finished_run, tmp_path, capsys):
     """The exported folder holds the policy alone and evaluates exactly as the run does;
     exporting onto it again is refused (exit 2) and leaves it as it was."""
