@@ -153,7 +153,7 @@ def train(
     try:
         learner = MetaLearner(cfg, sampler)
         if state is None:
-            params = learner.init_params(cfg.seed)
+            params = initial_params(cfg, learner)
             start = 0
         else:
             params = {k: v.to(device) for k, v in state["params"].items()}
@@ -168,6 +168,44 @@ def train(
         return _loop(cfg, learner, params, start, folder, progress, stop_after)
     finally:
         sampler.close()
+
+
+def initial_params(cfg: Config, learner: MetaLearner) -> dict[str, torch.Tensor]:
+    """theta_0 of a new run: the parameters of ``init-policy`` (a run folder or its
+    policy.pt) where the config names one, else a fresh initialisation from ``seed``.
+    ConfigError, before anything is written, for a missing or foreign file and for a policy
+    whose parameter shapes or nonlinearity differ from the config's."""
+    fresh = learner.init_params(cfg.seed)
+    if cfg.init_policy is None:
+        return fresh
+    path = Path(cfg.init_policy)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"init-policy {cfg.init_policy}: neither a {CHECKPOINT_FILE} nor a run folder with one"
+        )
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # torch.load's errors for a file that is not a checkpoint vary
+        raise ConfigError(f"init-policy {path}: not a checkpoint ({err})") from err
+    params = state.get("params") if isinstance(state, dict) else None
+    if not isinstance(params, dict):
+        raise ConfigError(f"init-policy {path}: not a binom-rl checkpoint (no params)")
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    expected = {k: tuple(v.shape) for k, v in fresh.items()}
+    if shapes != expected:
+        raise ConfigError(
+            f"init-policy {path}: parameter shapes {shapes} differ from this config's "
+            f"policy {expected} (env, hidden-sizes)"
+        )
+    saved = state.get("config") or {}
+    if saved.get("nonlinearity", cfg.nonlinearity) != cfg.nonlinearity:
+        raise ConfigError(
+            f"init-policy {path}: its policy has nonlinearity {saved['nonlinearity']!r}, "
+            f"this config {cfg.nonlinearity!r}"
+        )
+    return {k: v.to(device=fresh[k].device, dtype=fresh[k].dtype) for k, v in params.items()}
 
 
 def _remove_previous_run(folder: Path) -> None:

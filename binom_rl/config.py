@@ -142,6 +142,10 @@ class Config:
     # running cluster.
     sampler: str = "local"
     ray_address: str | None = None
+    # A run folder or policy.pt whose parameters the run starts from instead of a fresh
+    # initialisation (e.g. to continue a trained policy with other settings); its policy
+    # must have this config's shapes and nonlinearity. null: initialise from seed.
+    init_policy: str | None = None
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -10,8 +10,14 @@ import yaml
 
 from binom_rl.agents import maml_trpo
 from binom_rl.agents.losses import PolicyLosses
-from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError
-from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, RunComplete, train
+from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError, derive_seed
+from binom_rl.agents.training import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RunComplete,
+    open_sampler,
+    train,
+)
 from binom_rl.checkpoint import load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml
 
@@ -203,3 +209,44 @@ def test_env_steps_per_iteration_from_the_saved_config(tmp_path, tiny_config):
     save_config(Config.from_dict(tiny_config(max_episode_steps=None)), tmp_path / "config.yaml")
     assert _env_steps_per_iteration(tmp_path) is None
     assert _env_steps_per_iteration(tmp_path / "missing") is None
+
+
+def test_init_policy_starts_from_the_named_policy(straight_run, tmp_path, _cfg):
+    """init-policy: the first iteration samples with the named run's parameters (its
+    pre-update return equals that of MetaLearner.adapt with them on the iteration's tasks
+    and seeds), not with a fresh initialisation; a run folder and its policy.pt give the
+    same run."""
+    straight, _ = straight_run
+    cfg = _cfg(num_batches=1, init_policy=str(straight))
+    metrics = train(cfg, tmp_path / "from-folder", progress=False)
+    with open_sampler(cfg) as sampler:
+        learner = MetaLearner(cfg, sampler)
+        tasks = sampler.sample_tasks(cfg.meta_batch_size, seed=derive_seed(cfg.seed, 0, 0))
+        adaptation = learner.adapt(
+            _params(straight), tasks, cfg.num_steps, seed=derive_seed(cfg.seed, 0, 1)
+        )
+    assert metrics["returns/step_0"] == float(adaptation.episodes[0].returns.mean())
+    fresh = train(_cfg(num_batches=1), tmp_path / "fresh", progress=False)
+    assert fresh["returns/step_0"] != metrics["returns/step_0"]
+    from_file = _cfg(num_batches=1, init_policy=str(straight / CHECKPOINT_FILE))
+    train(from_file, tmp_path / "from-file", progress=False)
+    for k, v in _params(tmp_path / "from-folder").items():
+        torch.testing.assert_close(_params(tmp_path / "from-file")[k], v, rtol=0, atol=0)
+    assert load_yaml(tmp_path / "from-folder" / CONFIG_FILE)["init-policy"] == str(straight)
+
+
+def test_init_policy_refuses_a_missing_foreign_or_mismatched_policy(straight_run, tmp_path, _cfg):
+    """Each case is a ConfigError naming the problem, raised before the run folder exists."""
+    straight, _ = straight_run
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    cases = [
+        (_cfg(init_policy=str(tmp_path / "nowhere")), "neither a policy.pt nor a run folder"),
+        (_cfg(init_policy=str(junk)), "not a checkpoint"),
+        (_cfg(init_policy=str(straight), hidden_sizes=[16]), "parameter shapes .* differ"),
+        (_cfg(init_policy=str(straight), nonlinearity="relu"), "nonlinearity 'tanh'"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ConfigError, match=f"init-policy .*{message}"):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
