@@ -191,15 +191,17 @@ class TRPOStep:
         return [fvp_subsample(d, n, by) for d in inner_data], fvp_subsample(outer_data, n, by)
 
     def _step_direction(
-        self, path: list[Params], inner_data: list, outer_data: dict, g: Params
-    ) -> CGResult:
-        """CG solve of (F + cg-damping I) s = g. The graphs its products cache die when this
-        returns, before the line search builds its own."""
+        self, path: list[Params], inner_data: list, outer_data: dict, g: Params,
+        damping: float | None = None,
+    ) -> CGResult:  # fmt: skip
+        """CG solve of (F + d I) s = g, d = ``damping`` or cg-damping. The graphs its
+        products cache die when this returns, before the line search builds its own."""
         fvp_op = self.fvp_operator(path, inner_data, outer_data)
+        d = self.cfg.cg_damping if damping is None else damping
 
         def fvp(v_flat: Tensor) -> Tensor:
             fv = fvp_op(unflatten_params(v_flat, g))
-            return flatten_params(fv) + self.cfg.cg_damping * v_flat
+            return flatten_params(fv) + d * v_flat
 
         return cg_solve(fvp, flatten_params(g), self.cfg.cg_iters)
 

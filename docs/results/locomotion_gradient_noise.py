@@ -23,22 +23,13 @@ import torch
 from binom_rl.agents.evaluation import load_run
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.agents.training import open_sampler
-from binom_rl.rl import cg_solve, flatten_params, unflatten_params
+from binom_rl.rl import flatten_params
 
 SEED = 424242  # tasks and episodes, the same for every policy
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b) / (a.norm() * b.norm()))
-
-
-def step_direction(fvp_op, g, damping: float, cg_iters: int) -> torch.Tensor:
-    """(F + damping I)^-1 g by CG, as TRPOStep solves it."""
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        return flatten_params(fvp_op(unflatten_params(v, g))) + damping * v
-
-    return cg_solve(product, flatten_params(g), cg_iters).x
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -83,8 +74,9 @@ for name, cfg, params in policies:
             adaptation.hessians = None
             fvp_inner, fvp_valid = trpo._fvp_data(adaptation.inner_data, valid)
             grads.append(flatten_params(g))
-            fvp_op = trpo.fvp_operator(adaptation.path, fvp_inner, fvp_valid)
-            dirs.append([step_direction(fvp_op, g, d, cfg.cg_iters) for d in ds])
+            dirs.append([
+                trpo._step_direction(adaptation.path, fvp_inner, fvp_valid, g, d).x for d in ds
+            ])  # fmt: skip
             before.append(float(adaptation.episodes[0].returns.mean()))
             after.append(float(adaptation.episodes[-1].returns.mean()))
     pairs = range(0, 2 * args.pairs, 2)
