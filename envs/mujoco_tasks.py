@@ -48,6 +48,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import mujoco
 import numpy as np
 from gymnasium import utils
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
@@ -253,6 +254,38 @@ class _RewardTaskEnv(MetaTaskMixin):
         raise NotImplementedError
 
 
+def compile_model(xml_path: str) -> mujoco.MjModel:
+    """Compile an MJCF file as ``MjModel.from_xml_path`` does, applying ``settotalmass`` after.
+
+    MuJoCo 4 deprecates the compiler attribute ``settotalmass`` (gymnasium's
+    ``half_cheetah.xml`` sets it to 14): every compile prints a warning and appends it to
+    ``MUJOCO_LOG.TXT`` in the working directory, once per env. Here the file is compiled
+    without it and the masses and inertias are scaled after with ``mj_setTotalmass``, as
+    the warning advises. ``mj_setConst`` redoes the constants that depend on the masses;
+    ``stat.meaninertia`` (trace of the mass matrix at ``qpos0`` over ``nv``) and
+    ``stat.meanmass`` (mean body mass, world excluded), which the compiler alone computes,
+    are redone by hand. The result equals the attribute's compile (tested field by field).
+    """
+    spec = mujoco.MjSpec.from_file(xml_path)
+    total_mass = spec.compiler.settotalmass
+    if total_mass <= 0:
+        return spec.compile()
+    spec.compiler.settotalmass = -1
+    model = spec.compile()
+    mujoco.mj_setTotalmass(model, total_mass)
+    data = mujoco.MjData(model)
+    mujoco.mj_setConst(model, data)
+    mujoco.mj_forward(model, data)
+    # The diagonal of M column by column: mj_mulM's signature is the same in MuJoCo 3 and 4.
+    column, trace = np.zeros(model.nv), 0.0
+    for i, unit in enumerate(np.eye(model.nv)):
+        mujoco.mj_mulM(model, data, column, unit)
+        trace += column[i]
+    model.stat.meaninertia = trace / model.nv
+    model.stat.meanmass = model.body_mass[1:].mean()
+    return model
+
+
 class _HalfCheetahTaskEnv(_RewardTaskEnv, HalfCheetahEnv):
     """HalfCheetah-v5 with a task reward; ``ctrl_cost_weight`` defaults to 0.05."""
 
@@ -262,6 +295,13 @@ class _HalfCheetahTaskEnv(_RewardTaskEnv, HalfCheetahEnv):
         # Record our own constructor args (the base class recorded its own).
         utils.EzPickle.__init__(self, task, **kwargs)
         self.reset_task(self.DEFAULT_TASK if task is None else task)  # type: ignore[attr-defined]
+
+    def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        # As gymnasium's MujocoEnv, with the model from compile_model (no deprecation warning).
+        model = compile_model(self.fullpath)
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
 
     def _batch_reward(self, qpos_before, qpos_after, qvel_after, action, task):
         x_velocity = (qpos_after[:, 0] - qpos_before[:, 0]) / self.dt

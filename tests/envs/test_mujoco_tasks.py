@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import mujoco
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
@@ -16,6 +17,7 @@ from binom_rl.envs.mujoco_tasks import (
     AntVelEnv,
     HalfCheetahDirEnv,
     HalfCheetahVelEnv,
+    compile_model,
 )
 from binom_rl.envs.rand_params import HopperRandParamsEnv, Walker2dRandParamsEnv
 
@@ -204,3 +206,44 @@ def test_ant_terminates_when_unhealthy():
     env.set_state(qpos, qvel)
     _, reward, terminated, _, info = env.step(np.zeros(8))
     assert terminated and info["reward_survive"] == 0.0
+
+
+def _compile_and_warnings(compile_fn):
+    seen: list[str] = []
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(seen.append)
+    try:
+        return compile_fn(), seen
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+def test_half_cheetah_model_equals_settotalmass_compile_without_warning():
+    # The independent path: MuJoCo's own compile of gymnasium's XML, attribute and all.
+    xml_path = HalfCheetahVelEnv().fullpath
+    stock, _ = _compile_and_warnings(lambda: mujoco.MjModel.from_xml_path(xml_path))
+    ours, seen = _compile_and_warnings(lambda: compile_model(xml_path))
+    assert seen == []
+    assert stock.body_mass.sum() == pytest.approx(14.0)
+    compared = 0
+    for name in dir(stock):
+        value = getattr(stock, name)
+        if not name.startswith("_") and isinstance(value, np.ndarray):
+            np.testing.assert_allclose(
+                getattr(ours, name), value, rtol=1e-12, atol=1e-12, err_msg=name
+            )
+            compared += 1
+    assert compared > 100
+    for name in ("meaninertia", "meanmass", "meansize", "extent"):
+        assert getattr(ours.stat, name) == pytest.approx(getattr(stock.stat, name), rel=1e-12), name
+    # The env uses it: same masses and, under the same controls, the same trajectory.
+    env, seen = _compile_and_warnings(HalfCheetahDirEnv)
+    assert seen == []
+    np.testing.assert_allclose(env.model.body_mass, stock.body_mass, rtol=1e-12)
+    data_stock, data_env = mujoco.MjData(stock), mujoco.MjData(env.model)
+    controls = np.random.default_rng(0).uniform(-1, 1, (300, stock.nu))
+    for u in controls:
+        data_stock.ctrl[:], data_env.ctrl[:] = u, u
+        mujoco.mj_step(stock, data_stock)
+        mujoco.mj_step(env.model, data_env)
+    np.testing.assert_allclose(data_env.qpos, data_stock.qpos, rtol=1e-10, atol=1e-10)
