@@ -346,23 +346,31 @@ def plot_runs(
     tag: str = "returns/step_1",
     smooth: int = 1,
     labels: Sequence[str] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> Path:
     """PNG of one scalar ``tag`` of several runs against the meta-iteration, each curve a
     moving average over ``smooth`` iterations, labelled by ``labels`` (default: folder
-    names). Every folder is read and checked before anything is drawn."""
+    names) and shifted right by ``offsets`` iterations (default 0; e.g. a run started with
+    ``init-policy`` from another run's iteration 235 drawn from 235 on). Every folder is
+    read and checked before anything is drawn."""
     if smooth < 1:
         raise ConfigError(f"smooth must be >= 1, got {smooth}")
     if labels is not None and len(labels) != len(folders):
         raise ConfigError(f"{len(labels)} labels for {len(folders)} runs")
+    if offsets is not None and len(offsets) != len(folders):
+        raise ConfigError(f"{len(offsets)} offsets for {len(folders)} runs")
+    if offsets is not None and min(offsets) < 0:
+        raise ConfigError(f"offsets must be >= 0, got {list(offsets)}")
     names = labels or [Path(f).name for f in folders]
     curves = []
-    for folder, name in zip(folders, names, strict=True):
+    for folder, name, offset in zip(folders, names, offsets or [0] * len(folders), strict=True):
         scalars = read_scalars(folder)
         if tag not in scalars:
             have = ", ".join(sorted(t for t in scalars if "/" in t)) or "no scalars"
             raise ConfigError(f"{folder} has no {tag!r} scalar (it has: {have})")
         steps = sorted(scalars[tag])
-        curves.append((steps, _moving_average([scalars[tag][s] for s in steps], smooth), name))
+        values = _moving_average([scalars[tag][s] for s in steps], smooth)
+        curves.append(([s + offset for s in steps], values, name))
     ylabel = tag + (f" ({smooth}-iteration moving average)" if smooth > 1 else "")
     return _save_line_plot(curves, output, ylabel)
 

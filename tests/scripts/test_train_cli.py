@@ -236,6 +236,37 @@ def test_plot_run_overlays_several_runs(finished_run, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_run_offsets_shift_each_curve(finished_run, tmp_path, capsys, monkeypatch):
+    import binom_rl.agents.training as training
+
+    drawn = []
+    real_save = training._save_line_plot
+
+    def spy(curves, output, ylabel, **kwargs):
+        drawn.append(curves)
+        return real_save(curves, output, ylabel, **kwargs)
+
+    monkeypatch.setattr(training, "_save_line_plot", spy)
+    plot_cli = _load_script("plot_run")
+    out = tmp_path / "shifted.png"
+    argv = ["--run", str(finished_run), str(finished_run), "--tag", "returns/step_0"]
+    assert plot_cli.main([*argv, "--offsets", "0,7", "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (steps_a, values_a, _), (steps_b, values_b, _) = drawn[0]
+    scalars = training.read_scalars(finished_run)["returns/step_0"]
+    assert steps_a == sorted(scalars) and steps_b == [s + 7 for s in sorted(scalars)]
+    assert values_a == values_b == [scalars[s] for s in sorted(scalars)]
+    bad = [
+        (["--offsets", "0"], "1 offsets for 2 runs"),
+        (["--offsets", "0,-3"], "offsets must be >= 0"),
+        (["--offsets", "0,x"], "comma-separated integers"),
+    ]
+    for extra, message in bad:
+        assert plot_cli.main([*argv, *extra, "--output", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_moving_average_against_a_direct_mean():
     from binom_rl.agents.training import _moving_average
 
