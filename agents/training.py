@@ -269,22 +269,61 @@ def _loop(
     return metrics
 
 
-def export_policy(run: str | os.PathLike, dest: str | os.PathLike) -> Path:
+# What an exported policy holds (``export_policy``); a training checkpoint holds more (RNG
+# and optimiser state), which is how --overwrite tells an export from a run it must not touch.
+EXPORTED_KEYS = frozenset({"params", "iteration", "config"})
+
+
+def export_policy(
+    run: str | os.PathLike, dest: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """A trained run's policy alone, for sharing: ``dest/config.yaml`` and ``dest/policy.pt``
     with the parameters, iteration and config (no RNG state, metrics or events), which
-    ``evaluate.py --run dest`` loads. ``dest`` must not hold a run already (ConfigError)."""
+    ``evaluate.py --run dest`` loads.
+
+    ``dest`` must not hold a run already (ConfigError), unless ``overwrite`` and what it
+    holds is an earlier export (never a training run, nor ``run`` itself): then both files
+    are replaced (each atomically) and the old policy's results.npz / results.csv removed.
+    """
     src, out = Path(run), Path(dest)
     if not (src / CHECKPOINT_FILE).is_file():
         raise ConfigError(f"{src} has no {CHECKPOINT_FILE}: not a training run folder")
-    if (out / CHECKPOINT_FILE).exists() or (out / CONFIG_FILE).exists():
-        raise ConfigError(f"{out} already holds a {CHECKPOINT_FILE} or {CONFIG_FILE}")
+    held = [out / name for name in (CHECKPOINT_FILE, CONFIG_FILE) if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a {CHECKPOINT_FILE} or {CONFIG_FILE} (--overwrite replaces "
+            "an earlier export)"
+        )
+    if held:
+        _check_is_export(out, src)
     state = load_checkpoint(src / CHECKPOINT_FILE)
     cfg = Config.from_saved(load_yaml(src / CONFIG_FILE))
     out.mkdir(parents=True, exist_ok=True)
     policy = {"params": state["params"], "iteration": state["iteration"], "config": state["config"]}
     save_checkpoint(policy, out / CHECKPOINT_FILE)
     save_config(cfg, out / CONFIG_FILE)
+    for name in ("results.npz", "results.csv"):  # evaluate.py's, of the policy replaced
+        (out / name).unlink(missing_ok=True)
     return out
+
+
+def _check_is_export(folder: Path, run: Path) -> None:
+    """ConfigError unless ``folder`` holds an earlier export, which --overwrite may replace."""
+    if folder.resolve() == run.resolve():
+        raise ConfigError(f"{folder} is the run itself: export to another folder")
+    if any(folder.glob(EVENT_FILES)):
+        raise ConfigError(f"{folder} holds TensorBoard events: a training run, not an export")
+    path = folder / CHECKPOINT_FILE
+    if path.exists():
+        try:
+            keys = set(load_checkpoint(path))
+        except Exception as err:
+            raise ConfigError(f"{path} is not a readable policy ({err}): left as it is") from err
+        if keys != EXPORTED_KEYS:
+            raise ConfigError(
+                f"{path} is a training checkpoint (it holds {sorted(keys - EXPORTED_KEYS)}), "
+                "not an export: left as it is"
+            )
 
 
 def read_scalars(folder: str | os.PathLike) -> dict[str, dict[int, float]]:

@@ -189,8 +189,55 @@ def test_export_policy_re_evaluates_to_the_run(finished_run, tmp_path, capsys):
     before = (dest / "policy.pt").read_bytes()
     capsys.readouterr()
     assert export_cli.main(["--run", str(finished_run), "--output-folder", str(dest)]) == 2
-    assert "already holds a policy.pt" in capsys.readouterr().err
+    assert "already holds a policy.pt or config.yaml (--overwrite" in capsys.readouterr().err
     assert (dest / "policy.pt").read_bytes() == before
+
+
+def test_export_policy_overwrite_replaces_an_export_only(finished_run, tmp_path, capsys):
+    """--overwrite replaces an earlier export (and drops its stale evaluation results); a
+    training run's folder, the run itself, or an unreadable policy.pt is refused (exit 2)
+    and left byte for byte as it was."""
+    import shutil
+
+    export_cli = _load_script("export_policy")
+    dest = tmp_path / "shipped"
+    assert export_cli.main(["--run", str(finished_run), "--output-folder", str(dest)]) == 0
+    (dest / "results.csv").write_text("old policy's table")
+    (dest / "results.npz").write_bytes(b"old")
+    (dest / "README.md").write_text("kept")
+    longer = tmp_path / "longer-run"  # the same run later on: other parameters, iteration 5
+    longer.mkdir()
+    shutil.copy(finished_run / "config.yaml", longer / "config.yaml")
+    state = load_checkpoint(finished_run / "policy.pt")
+    state["params"] = {k: v + 1.0 for k, v in state["params"].items()}
+    state["iteration"] = 5
+    torch.save(state, longer / "policy.pt")
+
+    assert export_cli.main(["--run", str(longer), "--output-folder", str(dest), "--overwrite"]) == 0
+    shipped = load_checkpoint(dest / "policy.pt")
+    assert set(shipped) == {"params", "iteration", "config"} and shipped["iteration"] == 5
+    for name, value in state["params"].items():
+        torch.testing.assert_close(shipped["params"][name], value, rtol=0, atol=0)
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.yaml", "policy.pt"]
+
+    bad = tmp_path / "unreadable"
+    bad.mkdir()
+    (bad / "policy.pt").write_bytes(b"not a checkpoint")
+    refused = {
+        finished_run: "is the run itself",  # the run's checkpoint (RNG, optimiser) must stay
+        longer: "is a training checkpoint",
+        bad: "is not a readable policy",
+    }
+    twin = tmp_path / "twin"  # another training run, recognised by its events
+    shutil.copytree(finished_run, twin)
+    refused[twin] = "holds TensorBoard events"
+    for folder, reason in refused.items():
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        capsys.readouterr()
+        argv = ["--run", str(finished_run), "--output-folder", str(folder), "--overwrite"]
+        assert export_cli.main(argv) == 2
+        assert reason in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_inspect_curvature_prints_table_and_refuses_bad_input(finished_run, tmp_path, capsys):
