@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -52,24 +54,25 @@ def connect(address: str | None, num_workers: int) -> None:
     and for a cluster with fewer CPUs than actors (they would wait forever).
     """
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        if address == "local":
-            ray.init(
-                address="local",
-                num_cpus=max(available_cores(), num_workers),
-                include_dashboard=False,
-                logging_level="WARNING",
-            )
-        else:
-            _check_reachable(address)
-            with tempfile.TemporaryFile("w+") as log:
-                try:
-                    with _stderr_into(log):
-                        ray.init(address=address, logging_level="WARNING")
-                except (ConnectionError, RayError) as exc:
-                    raise ValueError(_join_error(address, exc)) from exc
-                log.seek(0)
-                sys.stderr.write(log.read())  # joined: Ray's messages as usual
+        with _keeping_sigterm_handler():
+            address = address or os.environ.get("RAY_ADDRESS") or "local"
+            if address == "local":
+                ray.init(
+                    address="local",
+                    num_cpus=max(available_cores(), num_workers),
+                    include_dashboard=False,
+                    logging_level="WARNING",
+                )
+            else:
+                _check_reachable(address)
+                with tempfile.TemporaryFile("w+") as log:
+                    try:
+                        with _stderr_into(log):
+                            ray.init(address=address, logging_level="WARNING")
+                    except (ConnectionError, RayError) as exc:
+                        raise ValueError(_join_error(address, exc)) from exc
+                    log.seek(0)
+                    sys.stderr.write(log.read())  # joined: Ray's messages as usual
         _state["owned"] = True
     _state["users"] += 1
     try:
@@ -82,6 +85,19 @@ def connect(address: str | None, num_workers: int) -> None:
     except BaseException:
         disconnect()
         raise
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """SIGTERM's handler as it was before, after the block: ray.init sets its own (exit at
+    once with code 15, and its C++ core logs a stack), which would skip the command's
+    unwinding on SIGTERM (binom_rl.agents.cli.common: workers closed, Ray shut down)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager

@@ -3,14 +3,19 @@
 Bad input (:class:`~binom_rl.config.ConfigError`, raised before any work is done) ends a
 command with one ``error:`` line and exit code 2. Any other failure ends it with one
 ``error:`` line and exit code 1; its traceback is printed with ``--verbose`` and written
-to ``error.log`` in the command's folder when it has one.
+to ``error.log`` in the command's folder when it has one. Ctrl-C (exit code 130) and
+SIGTERM (143: what a cluster scheduler sends before it kills a job, or ``kill PID``) both
+unwind the command: sampler workers are closed, TensorBoard events flushed, and the last
+checkpoint, written atomically, is kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +50,15 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM while a command runs. A KeyboardInterrupt, so that
+    every cleanup written for Ctrl-C (sampler workers, Ray, event writers) runs for it too."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_command(
     work: Callable[[], int],
     *,
@@ -57,13 +71,20 @@ def run_command(
     ``failure_note()`` is appended to the error line of a failure (e.g. that the last good
     checkpoint is kept); ``log_folder``, where it exists, gets the traceback in ERROR_LOG.
     """
+    # Python's default for SIGTERM is to die at once, skipping every finally; signal handlers
+    # can only be set from the main thread (a command called from another keeps the default).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return work()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         note = failure_note() if failure_note else ""
+        if isinstance(err, Terminated):
+            print(f"error: terminated (SIGTERM){note}", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"error: interrupted{note}", file=sys.stderr)
         return 130
     except Exception as err:
@@ -78,6 +99,9 @@ def run_command(
         note = failure_note() if failure_note else ""
         print(f"error: {_one_line(err)}{note}{where}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # None: a handler set outside Python, left as it is
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(err: Exception) -> str:

@@ -117,9 +117,11 @@ def _ray_processes(temp_dir: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_stops_the_run_its_actors_and_its_ray(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_its_actors_and_its_ray(tmp_path, how):
     """scripts/train.py --sampler ray starts its own Ray; Ctrl-C (SIGINT to its process
-    group, as a terminal sends it) while it trains ends all of it and keeps the checkpoint."""
+    group, as a terminal sends it) or SIGTERM to the driver alone (``kill PID``) while it
+    trains ends all of it and keeps the checkpoint."""
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths
     folder = tmp_path / "run"
     path = os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")]))
@@ -141,7 +143,10 @@ def test_ctrl_c_stops_the_run_its_actors_and_its_ray(tmp_path):
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
         assert _ray_processes(temp_dir), "the run's Ray instance is not running"
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         _, err = proc.communicate(timeout=60)
         stopped = time.monotonic() - start
@@ -149,6 +154,8 @@ def test_ctrl_c_stops_the_run_its_actors_and_its_ray(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and stopped < 30, (proc.returncode, stopped, err[-2000:])
+    if how == "sigterm":
+        assert proc.returncode == 143 and "error: terminated (SIGTERM)" in err, err[-2000:]
     deadline = time.monotonic() + 10
     while _ray_processes(temp_dir) and time.monotonic() < deadline:
         time.sleep(0.2)

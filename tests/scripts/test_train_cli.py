@@ -670,12 +670,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_path, tiny_argv):
-    """SIGKILL one of two sampler workers mid-run: exit 1, one stderr line naming the dead
-    worker, the checkpoint intact; --resume then continues the run."""
-    folder = tmp_path / "run"
+def _start_long_run(folder: Path, tiny_argv: list[str]) -> tuple[subprocess.Popen, list[int]]:
+    """scripts/train.py of 500 tiny iterations on two sampler workers, in a subprocess, once
+    its first checkpoint is written: the process and its workers' pids."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [*tiny_argv, "--num-batches", "500", "--num-workers", "2"]
     proc = subprocess.Popen(
@@ -690,6 +687,30 @@ def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_p
         # train -> forkserver -> the two workers
         workers = [w for child in _children(proc.pid) for w in _children(child)]
         assert len(workers) == 2, workers
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, workers
+
+
+def _resume_one_more(folder: Path) -> None:
+    """--resume continues the stopped run by one iteration from its checkpoint."""
+    done = load_checkpoint(folder / "policy.pt")["iteration"]
+    assert done >= 1
+    resume = ["--output-folder", str(folder), "--resume", *QUIET, "--num-batches", str(done + 1)]
+    assert train_cli.main(resume) == 0
+    assert load_checkpoint(folder / "policy.pt")["iteration"] == done + 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_path, tiny_argv):
+    """SIGKILL one of two sampler workers mid-run: exit 1, one stderr line naming the dead
+    worker, the checkpoint intact; --resume then continues the run."""
+    folder = tmp_path / "run"
+    proc, workers = _start_long_run(folder, tiny_argv)
+    try:
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -701,11 +722,36 @@ def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_p
     assert len(err) == 1, stderr
     assert re.match(r"error: sampler worker [01] died \(exit code -9\): SIGKILL; ", err[0]), err[0]
     assert "--resume continues" in err[0] and "error.log" in err[0]
-    done = load_checkpoint(folder / "policy.pt")["iteration"]
-    assert done >= 1
-    resume = ["--output-folder", str(folder), "--resume", *QUIET, "--num-batches", str(done + 1)]
-    assert train_cli.main(resume) == 0
-    assert load_checkpoint(folder / "policy.pt")["iteration"] == done + 1
+    _resume_one_more(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_run_cleanly_and_resume_continues(tmp_path, tiny_argv):
+    """SIGTERM to the run (a cluster scheduler's stop, ``kill PID``): exit 143 with one
+    stderr line, no sampler worker left running, no error.log, the checkpoint intact;
+    --resume then continues the run."""
+    folder = tmp_path / "run"
+    proc, workers = _start_long_run(folder, tiny_argv)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr
+    err = stderr.strip().splitlines()
+    assert err == [
+        f"error: terminated (SIGTERM); {folder / 'policy.pt'} keeps the last good iteration: "
+        "--resume continues"
+    ], stderr
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers):  # closed, not orphaned
+        assert time.monotonic() < deadline, "sampler workers still running 10 s after exit"
+        time.sleep(0.1)
+    assert not (folder / "error.log").exists()
+    _resume_one_more(folder)
 
 
 def test_success_tags_and_evaluate_success_column_on_the_test_split(

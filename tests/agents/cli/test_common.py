@@ -1,6 +1,10 @@
-"""How a command ends: exit codes, the one error line, where the traceback goes."""
+"""How a command ends: exit codes, the one error line, where the traceback goes, SIGTERM."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -64,6 +68,28 @@ def test_failure_without_a_folder_points_to_verbose(tmp_path, capsys):
 def test_interrupt_is_one_line_exit_130(capsys):
     assert run_command(_raise(KeyboardInterrupt()), verbose=False) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_sigterm_unwinds_the_command_exit_143_and_the_handler_is_restored(capsys):
+    """SIGTERM while work() runs raises in it (its finally blocks run), ends the command with
+    one line and exit 143, and leaves SIGTERM's handler as it was before."""
+    before = signal.getsignal(signal.SIGTERM)
+    unwound = []
+
+    def work() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here, at once
+            return 0
+        finally:
+            unwound.append(True)
+
+    started = time.monotonic()
+    assert run_command(work, verbose=False, failure_note=lambda: "; note") == 143
+    assert time.monotonic() - started < 5
+    assert unwound == [True]
+    assert capsys.readouterr().err == "error: terminated (SIGTERM); note\n"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_set_torch_threads():
