@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -694,6 +695,17 @@ def _start_long_run(folder: Path, tiny_argv: list[str]) -> tuple[subprocess.Pope
     return proc, workers
 
 
+def _stderr_after(proc: subprocess.Popen, stop: Callable[[], None]) -> str:
+    """``stop()`` the run, then its stderr once it has exited (killed after 120 s)."""
+    try:
+        stop()
+        return proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _resume_one_more(folder: Path) -> None:
     """--resume continues the stopped run by one iteration from its checkpoint."""
     done = load_checkpoint(folder / "policy.pt")["iteration"]
@@ -710,13 +722,7 @@ def test_killed_sampler_worker_ends_run_with_one_line_and_resume_continues(tmp_p
     worker, the checkpoint intact; --resume then continues the run."""
     folder = tmp_path / "run"
     proc, workers = _start_long_run(folder, tiny_argv)
-    try:
-        os.kill(workers[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stderr = _stderr_after(proc, lambda: os.kill(workers[0], signal.SIGKILL))
     assert proc.returncode == 1, stderr
     err = stderr.strip().splitlines()
     assert len(err) == 1, stderr
@@ -733,13 +739,7 @@ def test_sigterm_stops_run_cleanly_and_resume_continues(tmp_path, tiny_argv):
     --resume then continues the run."""
     folder = tmp_path / "run"
     proc, workers = _start_long_run(folder, tiny_argv)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stderr = _stderr_after(proc, lambda: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143, stderr
     err = stderr.strip().splitlines()
     assert err == [
