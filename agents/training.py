@@ -30,6 +30,7 @@ from binom_rl.sampler import MultiTaskSampler
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "policy.pt"
 ERROR_FILE = "error.log"
+RESULT_FILES = ("results.npz", "results.csv")  # what evaluate.py writes beside a policy
 # What a run and its evaluation / plot write into the run folder: --overwrite removes
 # exactly these (and TensorBoard event files), so the new run's curves and results are
 # not mixed with the old run's; any other file in the folder is left alone.
@@ -37,8 +38,7 @@ RUN_FILES = (
     CONFIG_FILE,
     CHECKPOINT_FILE,
     ERROR_FILE,
-    "results.npz",
-    "results.csv",
+    *RESULT_FILES,
     "training_curves.png",
 )
 EVENT_FILES = "events.out.tfevents.*"
@@ -288,7 +288,7 @@ def export_policy(
     src, out = Path(run), Path(dest)
     if not (src / CHECKPOINT_FILE).is_file():
         raise ConfigError(f"{src} has no {CHECKPOINT_FILE}: not a training run folder")
-    held = [out / name for name in (CHECKPOINT_FILE, CONFIG_FILE) if (out / name).exists()]
+    held = any((out / name).exists() for name in (CHECKPOINT_FILE, CONFIG_FILE))
     if held and not overwrite:
         raise ConfigError(
             f"{out} already holds a {CHECKPOINT_FILE} or {CONFIG_FILE} (--overwrite replaces "
@@ -302,7 +302,7 @@ def export_policy(
     policy = {"params": state["params"], "iteration": state["iteration"], "config": state["config"]}
     save_checkpoint(policy, out / CHECKPOINT_FILE)
     save_config(cfg, out / CONFIG_FILE)
-    for name in ("results.npz", "results.csv"):  # evaluate.py's, of the policy replaced
+    for name in RESULT_FILES:  # evaluate.py's, of the policy replaced
         (out / name).unlink(missing_ok=True)
     return out
 
