@@ -8,12 +8,15 @@ Folder layout written by :func:`train`::
                                     metrics (returns/step_k, metagrad/*, train/*, time/*,
                                     memory/peak_mb), one point per iteration
     <output-folder>/error.log       traceback of the last failure, if the run failed
+    <output-folder>/.train.lock     held while a process trains in the folder (removed at exit)
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ RUN_FILES = (
     "training_curves.png",
 )
 EVENT_FILES = "events.out.tfevents.*"
+LOCK_FILE = ".train.lock"
 
 
 class RunComplete(Exception):
@@ -76,7 +80,7 @@ def prepare_run(
     folder = Path(output_folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output folder {folder} exists and is not a directory")
-    non_empty = folder.is_dir() and any(folder.iterdir())
+    non_empty = folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if resume:
@@ -142,32 +146,90 @@ def train(
     ConfigError for bad input and RunComplete for a resumed run with nothing left to do,
     both before anything is written.
     """
-    cfg, state = prepare_run(cfg, output_folder, resume=resume, overwrite=overwrite)
-    if state is not None and int(state["iteration"]) >= cfg.num_batches:
-        raise RunComplete(int(state["iteration"]), cfg.num_batches)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
-    # The sampler validates the env id and its task protocol before anything is written.
-    sampler = open_sampler(cfg, device)
+    folder = Path(output_folder)
+    with run_lock(folder):  # before the folder is read: another process may be writing it
+        cfg, state = prepare_run(cfg, folder, resume=resume, overwrite=overwrite)
+        if state is not None and int(state["iteration"]) >= cfg.num_batches:
+            raise RunComplete(int(state["iteration"]), cfg.num_batches)
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+        # The sampler validates the env id and its task protocol before anything is written.
+        sampler = open_sampler(cfg, device)
+        try:
+            learner = MetaLearner(cfg, sampler)
+            if state is None:
+                params = initial_params(cfg, learner)  # may refuse init-policy: first
+                start = 0
+                _remove_previous_run(folder)  # only reached with --overwrite or an empty folder
+            else:
+                params = {k: v.to(device) for k, v in state["params"].items()}
+                start = int(state["iteration"])
+                set_rng_state(state["rng"])
+                learner.outer.load_state_dict(state.get("outer", {}))
+            save_config(cfg, folder / CONFIG_FILE)
+            return _loop(cfg, learner, params, start, folder, progress, stop_after)
+        finally:
+            sampler.close()
+
+
+@contextmanager
+def run_lock(output_folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``output_folder`` for one training process: a second :func:`train` on the same
+    folder (``--resume`` or ``--overwrite`` while the first still runs) gets a ConfigError
+    naming the holder's pid, before it reads or writes anything else there. Two processes
+    on one folder would interleave checkpoints and events, and ``--overwrite`` would delete
+    the running one's files.
+
+    The lock is ``flock`` on LOCK_FILE (the kernel releases it when its holder dies, even by
+    SIGKILL, so a crash leaves no stale lock); the file is removed on exit, and so are the
+    folders this call created where nothing else was written in them (bad input).
+    Hand-written because the ``filelock`` package leaves its file behind and cannot say who
+    holds it; on NFS, Linux maps ``flock`` onto POSIX locks, which hold across hosts.
+    """
+    folder = Path(output_folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} exists and is not a directory")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = _acquire(path, folder)
     try:
-        learner = MetaLearner(cfg, sampler)
-        if state is None:
-            params = initial_params(cfg, learner)
-            start = 0
-        else:
-            params = {k: v.to(device) for k, v in state["params"].items()}
-            start = int(state["iteration"])
-            set_rng_state(state["rng"])
-            learner.outer.load_state_dict(state.get("outer", {}))
-        folder = Path(output_folder)
-        if state is None and folder.is_dir():
-            _remove_previous_run(folder)  # only reached with --overwrite or an empty folder
-        folder.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, folder / CONFIG_FILE)
-        return _loop(cfg, learner, params, start, folder, progress, stop_after)
+        yield
     finally:
-        sampler.close()
+        path.unlink(missing_ok=True)  # before the lock is released: see _acquire
+        os.close(fd)
+        for made in created:
+            try:
+                made.rmdir()  # only succeeds where nothing was written
+            except OSError:
+                break
+
+
+def _acquire(path: Path, folder: Path) -> int:
+    """An fd of ``path`` holding its exclusive flock; ConfigError where another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{folder} is in use by another training process (pid {holder}): wait for "
+                "it to end, or stop it (SIGTERM keeps its last checkpoint) and train again"
+            ) from None
+        # A holder removes the file before it releases the lock, so a lock won on a file
+        # no longer at ``path`` is a lock on nothing: open the new file and try again.
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
 
 
 def initial_params(cfg: Config, learner: MetaLearner) -> dict[str, torch.Tensor]:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from binom_rl.agents import maml_trpo
+from binom_rl.agents import maml_trpo, training
 from binom_rl.agents.losses import PolicyLosses
 from binom_rl.agents.maml_trpo import MetaLearner, NonFiniteError, derive_seed
 from binom_rl.agents.training import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    LOCK_FILE,
     RunComplete,
     open_sampler,
+    run_lock,
     train,
 )
 from binom_rl.checkpoint import load_checkpoint
@@ -85,6 +91,70 @@ def test_resume_of_a_finished_run_raises_run_complete_and_writes_nothing(straigh
         with pytest.raises(RunComplete, match=f"run already at iteration 4 of {total}"):
             train(_cfg(num_batches=total), straight, resume=True, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_a_folder_held_by_another_run_is_refused_and_left_as_it_is(straight_run, _cfg):
+    """While a run holds the folder (here this process, through a second open of the lock
+    file: flock locks belong to the open file, not the process), --resume and --overwrite
+    are refused naming its pid, and nothing in the folder changes."""
+    straight, _ = straight_run
+    before = _listing(straight)
+    with run_lock(straight):
+        assert (straight / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        held = _listing(straight)
+        message = rf"in use by another training process \(pid {os.getpid()}\)"
+        for kwargs in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(ConfigError, match=message):
+                train(_cfg(num_batches=5), straight, progress=False, **kwargs)
+        assert _listing(straight) == held
+    assert _listing(straight) == before  # the lock file goes with the lock
+
+
+def test_a_killed_holder_leaves_no_lock(tmp_path, _cfg):
+    """A process SIGKILLed while it holds the folder leaves its lock file but no lock: the
+    next run trains there (the stale file does not count as a previous run) and removes it."""
+    folder = tmp_path / "run"
+    holder = (
+        "import os, signal, sys; from binom_rl.agents.training import run_lock; "
+        "held = run_lock(sys.argv[1]); held.__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    proc = subprocess.run([sys.executable, "-c", holder, str(folder)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in folder.iterdir()] == [LOCK_FILE]
+    train(_cfg(num_batches=1), folder, progress=False)
+    assert load_checkpoint(folder / CHECKPOINT_FILE)["iteration"] == 1
+    assert not (folder / LOCK_FILE).exists()
+
+
+def test_a_lock_won_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatch):
+    """The holder ends between our open and our flock (it removes its file, then unlocks):
+    the flock we then win is on a file no longer in the folder, so the lock is taken again
+    on a new file, and the file in the folder is the one held."""
+    real_flock, held = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not held:
+            (tmp_path / LOCK_FILE).unlink()
+        held.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(training.fcntl, "flock", flock)
+    with run_lock(tmp_path):
+        assert len(held) == 2
+        assert os.fstat(held[1]).st_ino == (tmp_path / LOCK_FILE).stat().st_ino
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_bad_input_removes_the_folders_it_created(tmp_path, _cfg):
+    """A run refused inside the lock (an unknown env id, found by the sampler) leaves no
+    folder of those it made for the run, and the folder that was there as it was."""
+    with pytest.raises(ConfigError, match="binom_rl/Nope-v0"):
+        train(_cfg(env_name="binom_rl/Nope-v0"), tmp_path / "a" / "b" / "run", progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_folder_contents(straight_run, _cfg):

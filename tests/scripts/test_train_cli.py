@@ -754,6 +754,39 @@ def test_sigterm_stops_run_cleanly_and_resume_continues(tmp_path, tiny_argv):
     _resume_one_more(folder)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_second_process_on_a_running_folder_is_refused(tmp_path, capsys, tiny_argv):
+    """train --resume or --overwrite on the folder of a run still going: exit 2 with one line
+    naming the running process, its files untouched and the run going on; once it has
+    stopped, its lock is gone and --resume continues it."""
+    folder = tmp_path / "run"
+    proc, _ = _start_long_run(folder, tiny_argv)
+    try:
+        for flag in ("--resume", "--overwrite"):
+            events = sorted(folder.glob("events.out.tfevents.*"))
+            argv = [*tiny_argv, *QUIET, "--num-batches", "500", flag] if flag == "--overwrite" \
+                else ["--resume", *QUIET]  # fmt: skip
+            assert train_cli.main([*argv, "--output-folder", str(folder)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [
+                f"error: {folder} is in use by another training process (pid {proc.pid}): wait "
+                "for it to end, or stop it (SIGTERM keeps its last checkpoint) and train again"
+            ], err
+            assert sorted(folder.glob("events.out.tfevents.*")) == events
+            assert (folder / "policy.pt").is_file() and proc.poll() is None
+        done = load_checkpoint(folder / "policy.pt")["iteration"]
+        deadline = time.monotonic() + 60
+        while load_checkpoint(folder / "policy.pt")["iteration"] == done:  # still training
+            assert time.monotonic() < deadline and proc.poll() is None, "the run stopped"
+            time.sleep(0.2)
+    finally:
+        stderr = _stderr_after(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert proc.returncode == 143, stderr
+    assert not (folder / ".train.lock").exists()
+    _resume_one_more(folder)
+
+
 def test_success_tags_and_evaluate_success_column_on_the_test_split(
     tmp_path, capsys, monkeypatch, tiny_argv
 ):
