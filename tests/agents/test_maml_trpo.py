@@ -501,9 +501,12 @@ def test_maml_trpo_parameters_match_the_original_code(name):
     iterations per estimator gives the parameters the code gave before inner losses and
     outer loops were split out (tests/fixtures/maml_trpo_reference.json, made at commit
     9596db2 by tests/fixtures/make_maml_trpo_reference.py). On the machine that made the
-    fixture they agree bit for bit; the tolerance leaves room for another CPU's rounding
-    only: the same run with the lvc inner loss, whose gradient is the same and only its
-    Hessian differs, lands far outside it."""
+    fixture they agree bit for bit. On another CPU the original code itself lands elsewhere:
+    run at 9596db2 on an AMD EPYC with AVX-512 it is up to 7.3e-6 from the fixture (largest
+    |parameter| 0.9), and today's code there agrees with that run bit for bit. So the
+    tolerance is 1e-6 + 1e-4 of the largest parameter, for every element, and the same run
+    with the lvc inner loss, whose gradient is the same and only its Hessian differs, must
+    land 100 times farther than that."""
     ref = _reference_cases()
     case = ref["cases"][name]
 
@@ -520,10 +523,11 @@ def test_maml_trpo_parameters_match_the_original_code(name):
 
     want = torch.tensor([x for k in case["params"] for x in case["params"][k]])
     got = run()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    tolerance = 1e-6 + 1e-4 * want.abs().max()
+    torch.testing.assert_close(got, want, rtol=0, atol=tolerance.item())
     if case["overrides"].get("estimator") != "fomaml":  # fomaml ignores the Hessian
         other = run(**{"inner-loss": "lvc"})
-        assert (other - want).abs().max() > 100 * (1e-6 + 1e-4 * want.abs().max())
+        assert (other - want).abs().max() > 100 * tolerance
 
 
 def test_pre_update_trust_region_fisher_against_explicit_matrices(samplers):
