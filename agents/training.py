@@ -77,9 +77,7 @@ def prepare_run(
     --overwrite, for --resume without a checkpoint, or for --resume with a ``cfg`` that
     differs from the saved one in more than RESUMABLE_KEYS (e.g. a larger num-batches).
     """
-    folder = Path(output_folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"output folder {folder} exists and is not a directory")
+    folder = Path(output_folder)  # a directory: run_lock, which train holds, made sure
     non_empty = folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
