@@ -17,6 +17,7 @@ from binom_rl.checkpoint import load_checkpoint, save_checkpoint
 from binom_rl.config import Config, ConfigError
 from binom_rl.rl import flatten_params
 from binom_rl.sampler import MultiTaskSampler
+from tests.helpers.files import listing
 
 NAV = "binom_rl/2DNavigation-v0"
 TINY = {
@@ -216,10 +217,10 @@ def test_resume_refuses_a_ppo_checkpoint_without_outer_state(tmp_path):
     state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
     del state["outer"]
     save_checkpoint(state, tmp_path / CHECKPOINT_FILE)
-    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    before = listing(tmp_path)
     with pytest.raises(ConfigError, match="no outer-step state for outer ppo"):
         train(cfg, tmp_path, resume=True, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    assert listing(tmp_path) == before
 
 
 def test_state_dict_round_trip_and_bad_state(sampler):

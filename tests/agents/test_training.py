@@ -26,6 +26,7 @@ from binom_rl.agents.training import (
 )
 from binom_rl.checkpoint import load_checkpoint
 from binom_rl.config import Config, ConfigError, load_yaml
+from tests.helpers.files import listing
 
 
 @pytest.fixture(scope="session")
@@ -78,23 +79,19 @@ def test_resume_with_more_batches_continues(straight_run, tmp_path, _cfg):
 
 def test_resume_refuses_a_changed_hyperparameter(straight_run, _cfg):
     straight, _ = straight_run
-    before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir()}
+    before = listing(straight)
     with pytest.raises(ConfigError, match="fast-lr"):
         train(_cfg(fast_lr=0.2), straight, resume=True, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
+    assert listing(straight) == before
 
 
 def test_resume_of_a_finished_run_raises_run_complete_and_writes_nothing(straight_run, _cfg):
     straight, _ = straight_run
-    before = {p.name: p.stat().st_mtime_ns for p in straight.iterdir()}
+    before = listing(straight)
     for total in (4, 3):  # at and past num-batches
         with pytest.raises(RunComplete, match=f"run already at iteration 4 of {total}"):
             train(_cfg(num_batches=total), straight, resume=True, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in straight.iterdir()} == before
-
-
-def _listing(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert listing(straight) == before
 
 
 def test_a_folder_held_by_another_run_is_refused_and_left_as_it_is(straight_run, _cfg):
@@ -102,16 +99,16 @@ def test_a_folder_held_by_another_run_is_refused_and_left_as_it_is(straight_run,
     file: flock locks belong to the open file, not the process), --resume and --overwrite
     are refused naming its pid, and nothing in the folder changes."""
     straight, _ = straight_run
-    before = _listing(straight)
+    before = listing(straight)
     with run_lock(straight):
         assert (straight / LOCK_FILE).read_text() == f"{os.getpid()}\n"
-        held = _listing(straight)
+        held = listing(straight)
         message = rf"in use by another training process \(pid {os.getpid()}\)"
         for kwargs in ({"resume": True}, {"overwrite": True}):
             with pytest.raises(ConfigError, match=message):
                 train(_cfg(num_batches=5), straight, progress=False, **kwargs)
-        assert _listing(straight) == held
-    assert _listing(straight) == before  # the lock file goes with the lock
+        assert listing(straight) == held
+    assert listing(straight) == before  # the lock file goes with the lock
 
 
 def test_a_killed_holder_leaves_no_lock(tmp_path, _cfg):

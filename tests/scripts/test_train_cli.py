@@ -24,6 +24,7 @@ import torch
 
 import binom_rl
 from binom_rl.checkpoint import load_checkpoint
+from tests.helpers.files import listing
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / "tests" / "helpers"  # binom_rl_test_envs: PointGoal-v0, NoTasks-v0
@@ -585,12 +586,12 @@ def test_resume_flags(tmp_path, capsys, tiny_argv):
     assert load_checkpoint(folder / "policy.pt")["iteration"] == 1
     capsys.readouterr()
 
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    before = listing(folder)
     resume = ["--output-folder", str(folder), "--resume", "--no-progress", "--torch-threads", "1"]
     assert train_cli.main([*resume, "--fast-lr", "0.2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fast-lr (saved 0.1, given 0.2)" in err[0], err
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert listing(folder) == before
 
     assert train_cli.main([*resume, "--num-batches", "2"]) == 0
     assert load_checkpoint(folder / "policy.pt")["iteration"] == 2
@@ -608,14 +609,14 @@ def test_profile_iteration_cli(capsys, tiny_argv):
 
 def test_resume_of_a_finished_run_has_nothing_to_do(finished_run, capsys):
     """--resume at or past --num-batches: one line saying so, exit 0, nothing written."""
-    before = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()}
+    before = listing(finished_run)
     resume = ["--output-folder", str(finished_run), "--resume", *QUIET]
     for total in (2, 1):
         capsys.readouterr()
         assert train_cli.main([*resume, "--num-batches", str(total)]) == 0
         out = capsys.readouterr().out.strip().splitlines()
         assert out == [f"run already at iteration 2 of {total}: nothing to do"]
-    assert {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()} == before
+    assert listing(finished_run) == before
 
 
 @pytest.fixture
