@@ -6,7 +6,8 @@ training; the env's held-out test split where it has one, e.g. Meta-World's), sa
 sample again, ... up to ``num_steps`` steps. The result is the mean undiscounted return
 of each task after n = 0..num_steps steps, summarised as mean and standard error over
 tasks (the MAML paper's table), and for envs that report success (Meta-World) the
-fraction of each task's episodes that succeeded.
+fraction of each task's episodes that succeeded; the mean length of each task's episodes
+too (below the horizon where episodes end early).
 
 Step sizes (:func:`adaptation_step_sizes`): the K steps the policy was meta-trained for take
 fast-lr; every step beyond them takes ``step_size_decay`` times the previous one. The
@@ -69,6 +70,7 @@ class Evaluation:
     returns: np.ndarray  # mean return of the task's episodes
     success: np.ndarray | None = None  # fraction of them that succeeded; None: env has none
     step_sizes: tuple[float, ...] = ()  # of steps 1..num_steps (adaptation_step_sizes)
+    lengths: np.ndarray | None = None  # mean length of the task's episodes (env steps)
 
 
 def evaluate_params(
@@ -112,7 +114,7 @@ def evaluate_adaptation(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     step_sizes = adaptation_step_sizes(cfg, num_steps, step_size_decay)
     seed = cfg.seed + TEST_SEED_OFFSET if seed is None else seed
-    returns, success = [], []
+    returns, success, lengths = [], [], []
     with open_sampler(cfg) as sampler:
         learner = MetaLearner(cfg, sampler)
         for batch in tqdm(range(num_batches), desc="evaluate", disable=not progress):
@@ -124,17 +126,24 @@ def evaluate_adaptation(
             )
             returns.append(np.stack([e.returns.mean(dim=1).cpu().numpy()
                                      for e in result.episodes], axis=1))  # fmt: skip
+            lengths.append(np.stack([e.lengths.double().mean(dim=1).cpu().numpy()
+                                     for e in result.episodes], axis=1))  # fmt: skip
             if result.episodes[0].successes is not None:
                 success.append(np.stack([e.successes.double().mean(dim=1).cpu().numpy()
                                          for e in result.episodes], axis=1))  # fmt: skip
     return Evaluation(
-        np.concatenate(returns), np.concatenate(success) if success else None, tuple(step_sizes)
+        np.concatenate(returns),
+        np.concatenate(success) if success else None,
+        tuple(step_sizes),
+        np.concatenate(lengths),
     )
 
 
-def summarize(returns: np.ndarray, success: np.ndarray | None = None) -> list[dict[str, float]]:
+def summarize(
+    returns: np.ndarray, success: np.ndarray | None = None, lengths: np.ndarray | None = None
+) -> list[dict[str, float]]:
     """Mean and standard error over tasks of the return (and of the success rate, where
-    given) after each number of steps."""
+    given) after each number of steps; the mean episode length too, where given."""
     mean, stderr = mean_and_stderr(returns, axis=0)
     rows = [
         {"step": float(k), "mean_return": float(m), "stderr": float(s)}
@@ -144,6 +153,9 @@ def summarize(returns: np.ndarray, success: np.ndarray | None = None) -> list[di
         rate, rate_se = mean_and_stderr(success, axis=0)
         for row, r, s in zip(rows, rate, rate_se, strict=True):
             row.update(success_rate=float(r), success_stderr=float(s))
+    if lengths is not None:
+        for row, n in zip(rows, lengths.mean(axis=0), strict=True):
+            row["mean_length"] = float(n)
     return rows
 
 
@@ -152,11 +164,12 @@ def write_results(
     returns: np.ndarray,
     success: np.ndarray | None = None,
     step_sizes: Sequence[float] = (),
+    lengths: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
-    """results.npz (per-task returns and success rates, the test steps' sizes) and
-    results.csv (the summary table) in ``folder``."""
+    """results.npz (per-task returns, success rates and episode lengths, the test steps'
+    sizes) and results.csv (the summary table of returns and success rates) in ``folder``."""
     folder = Path(folder)
-    summary = summarize(returns, success)
+    summary = summarize(returns, success, lengths)
     arrays = {
         "returns": returns,
         "step_sizes": np.asarray(step_sizes, dtype=np.float64),
@@ -171,6 +184,8 @@ def write_results(
             success_stderr=[r["success_stderr"] for r in summary],
         )
         fields += ["success_rate", "success_stderr"]
+    if lengths is not None:
+        arrays.update(lengths=lengths, length_mean=[r["mean_length"] for r in summary])
     np.savez(folder / "results.npz", **arrays)
     with open(folder / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -181,19 +196,31 @@ def write_results(
 
 
 def format_table(
-    summary: list[dict[str, float]], num_tasks: int, step_sizes: Sequence[float] = ()
+    summary: list[dict[str, float]],
+    num_tasks: int,
+    step_sizes: Sequence[float] = (),
+    horizon: int | None = None,
 ) -> str:
+    """The summary as a markdown table; with a column of the mean episode length where the
+    summary has it and some episode ended before ``horizon`` (None: always)."""
     with_success = "success_rate" in summary[0]
+    with_length = "mean_length" in summary[0] and (
+        horizon is None or any(row["mean_length"] < horizon for row in summary)
+    )
     what = "return and success rate" if with_success else "return"
     sizes = f" (step sizes {', '.join(f'{a:g}' for a in step_sizes)})" if step_sizes else ""
     lines = [
         f"{what} after n inner steps{sizes}, mean +- standard error over {num_tasks} test tasks",
-        "| steps | mean return | std. error |" + (" success rate | std. error |" * with_success),
-        "|---|---|---|" + ("---|---|" * with_success),
+        "| steps | mean return | std. error |"
+        + (" success rate | std. error |" * with_success)
+        + (" mean episode length |" * with_length),
+        "|---|---|---|" + ("---|---|" * with_success) + ("---|" * with_length),
     ]
     for row in summary:
         line = f"| {int(row['step'])} | {row['mean_return']:.2f} | {row['stderr']:.2f} |"
         if with_success:
             line += f" {row['success_rate']:.3f} | {row['success_stderr']:.3f} |"
+        if with_length:
+            line += f" {row['mean_length']:.1f} |"
         lines.append(line)
     return "\n".join(lines)

@@ -162,6 +162,8 @@ class MetaLearner:
         t2 = time.perf_counter()
         for k, eps in enumerate(adaptation.episodes):
             metrics[f"returns/step_{k}"] = float(eps.returns.mean())
+            # mean episode length: below the horizon where episodes end early (an Ant that falls)
+            metrics[f"episodes/length_step_{k}"] = float(eps.lengths.double().mean())
             if eps.successes is not None:  # fraction of the episodes that succeeded
                 metrics[f"success/step_{k}"] = float(eps.successes.float().mean())
         metrics["time/sampling_s"] = t1 - t0

@@ -5,8 +5,9 @@ Folder layout written by :func:`train`::
     <output-folder>/config.yaml     resolved configuration
     <output-folder>/policy.pt       last good checkpoint (atomic write, every iteration)
     <output-folder>/events.out.*    TensorBoard scalars: the MetaLearner.meta_iteration
-                                    metrics (returns/step_k, metagrad/*, train/*, time/*,
-                                    memory/peak_mb), one point per iteration
+                                    metrics (returns/step_k, episodes/length_step_k,
+                                    metagrad/*, train/*, time/*, memory/peak_mb), one
+                                    point per iteration
     <output-folder>/error.log       traceback of the last failure, if the run failed
     <output-folder>/.train.lock     held while a process trains in the folder (removed at exit)
 """

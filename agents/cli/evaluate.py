@@ -2,8 +2,10 @@
 [--meta-batch-size 40] [--num-batches 10]`` (also ``python scripts/evaluate.py ...``).
 
 Prints the return after 0..n inner steps (mean and standard error over test tasks; the
-success rate too for envs that report success, e.g. Meta-World) and writes results.npz
-and results.csv into the run folder (or --output-folder). Test tasks come from the env's
+success rate too for envs that report success, e.g. Meta-World; the mean episode length
+where episodes end before the horizon, e.g. an Ant that falls) and writes results.npz
+(per task, also the episode lengths) and results.csv into the run folder (or
+--output-folder). Test tasks come from the env's
 held-out test split where it has one (Meta-World), else from its task distribution.
 """
 
@@ -74,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             step_size_decay=args.step_size_decay,
         )
-        summary = write_results(output, result.returns, result.success, result.step_sizes)
-        print(format_table(summary, result.returns.shape[0], result.step_sizes))
+        summary = write_results(
+            output, result.returns, result.success, result.step_sizes, result.lengths
+        )
+        print(
+            format_table(
+                summary, result.returns.shape[0], result.step_sizes, cfg.max_episode_steps
+            )
+        )
         return 0
 
     return run_command(work, verbose=args.verbose, log_folder=output)

@@ -1,17 +1,28 @@
 """Meta-test step sizes: the schedule, its effect on the inner steps (against a gradient
-step computed by hand from the stored inner data), and that only steps beyond K change."""
+step computed by hand from the stored inner data), and that only steps beyond K change.
+Episode lengths, in evaluation and in the training metrics, against the tasks' own ends."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from binom_rl.agents.evaluation import adaptation_step_sizes, evaluate_adaptation
-from binom_rl.agents.maml_trpo import MetaLearner
+from binom_rl.agents.evaluation import (
+    adaptation_step_sizes,
+    evaluate_adaptation,
+    format_table,
+    write_results,
+)
+from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.config import Config, ConfigError
 from binom_rl.metagrad import task_gradients
 from binom_rl.sampler import MultiTaskSampler
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+COUNTDOWN = "binom_rl_test_envs:Countdown-v0"  # a task's episodes end after task["steps"]
 
 
 @pytest.mark.parametrize(
@@ -67,3 +78,55 @@ def test_the_decay_changes_only_the_steps_beyond_training(tiny_config):
     assert fixed.step_sizes == pytest.approx((0.5, 0.5, 0.5))
     np.testing.assert_array_equal(halving.returns[:, :2], fixed.returns[:, :2])
     assert not np.allclose(halving.returns[:, 2:], fixed.returns[:, 2:])
+
+
+@pytest.fixture
+def countdown_config(tiny_config, monkeypatch):
+    monkeypatch.syspath_prepend(str(HELPERS))
+    return Config.from_dict(tiny_config(env_name=COUNTDOWN, seed=3))  # horizon 10
+
+
+def _expected_lengths(sampler, num_tasks, seed, split, horizon):
+    """min(task["steps"], horizon) of each task the seed draws: Countdown's episodes end
+    there whatever the actions."""
+    tasks = sampler.sample_tasks(num_tasks, seed=seed, split=split)
+    return np.array([min(t["steps"], horizon) for t in tasks], dtype=np.float64)
+
+
+def test_evaluation_reports_each_tasks_episode_length(countdown_config, tmp_path):
+    """Evaluation.lengths[i, k]: the mean length of test task i's episodes after k steps,
+    the task's own end; written to results.npz and printed as a column while some
+    episode ends before the horizon."""
+    cfg = countdown_config
+    with MultiTaskSampler(cfg.env_name) as sampler:
+        params = MetaLearner(cfg, sampler).init_params(0)
+        expected = np.concatenate([
+            _expected_lengths(sampler, 4, derive_seed(11, b, 0), "test", 10) for b in range(2)
+        ])  # fmt: skip
+    result = evaluate_adaptation(
+        cfg, params, num_steps=2, meta_batch_size=4, num_batches=2, seed=11, progress=False
+    )
+    assert expected.min() < 10 and expected.max() == 10  # some end early, some do not
+    np.testing.assert_array_equal(result.lengths, np.repeat(expected[:, None], 3, axis=1))
+    summary = write_results(tmp_path, result.returns, None, result.step_sizes, result.lengths)
+    with np.load(tmp_path / "results.npz") as saved:
+        np.testing.assert_array_equal(saved["lengths"], result.lengths)
+        np.testing.assert_allclose(saved["length_mean"], [expected.mean()] * 3)
+    table = format_table(summary, 8, result.step_sizes, horizon=10)
+    assert "| mean episode length |" in table
+    assert f" {expected.mean():.1f} |\n" in table
+    full = [{**row, "mean_length": 10.0} for row in summary]
+    assert "length" not in format_table(full, 8, horizon=10)  # every episode ran the horizon
+
+
+def test_training_logs_the_episode_length_of_each_step(countdown_config):
+    """episodes/length_step_k of a meta-iteration: the mean over its tasks of their ends."""
+    cfg = countdown_config
+    with MultiTaskSampler(cfg.env_name, max_episode_steps=cfg.max_episode_steps) as sampler:
+        learner = MetaLearner(cfg, sampler)
+        _, metrics = learner.meta_iteration(learner.init_params(cfg.seed), iteration=1)
+        expected = _expected_lengths(
+            sampler, cfg.meta_batch_size, derive_seed(cfg.seed, 1, 0), "train", 10
+        ).mean()
+    assert metrics["episodes/length_step_0"] == pytest.approx(expected, rel=1e-12)
+    assert metrics["episodes/length_step_1"] == pytest.approx(expected, rel=1e-12)

@@ -71,6 +71,8 @@ def test_run_folder_and_tensorboard_tags(finished_run):
         "returns/step_0",
         "returns/step_1",
         "returns/step_2",
+        "episodes/length_step_0",
+        "episodes/length_step_2",
         "metagrad/norm",
         "metagrad/cosine_to_exact",
         "train/kl",
@@ -84,6 +86,7 @@ def test_run_folder_and_tensorboard_tags(finished_run):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [0, 1]
         assert all(np.isfinite(e.value) for e in events)
+    assert [e.value for e in acc.Scalars("episodes/length_step_1")] == [10.0, 10.0]  # horizon
     # BinomMAML L = 1 at K = 2 is an approximation: cosine below 1, and the two logged
     # figures of one pair of vectors a, e agree: |a - e| / |e| >= sin(angle(a, e)).
     for cos, rel in zip(acc.Scalars("metagrad/cosine_to_exact"),
@@ -111,13 +114,15 @@ def test_evaluate_writes_results(finished_run, tmp_path, capsys):
     argv += ["--num-batches", "1", "--no-progress", "--output-folder", str(out)]
     assert evaluate_cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| steps | mean return | std. error |" in printed
+    # 2D navigation never terminates: every episode runs the horizon, no length column
+    assert "| steps | mean return | std. error |\n" in printed
     for k in range(3):
         assert f"\n| {k} | " in printed
     with np.load(out / "results.npz") as results:
         assert results["returns"].shape == (3, 3)  # tasks x (num_steps + 1)
         assert results["mean"].shape == (3,)
         assert np.isfinite(results["returns"]).all()
+        np.testing.assert_array_equal(results["lengths"], np.full((3, 3), 10.0))
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
