@@ -73,6 +73,14 @@ class Evaluation:
     lengths: np.ndarray | None = None  # mean length of the task's episodes (env steps)
 
 
+def _per_task_mean(episodes: Sequence, field: str) -> np.ndarray:
+    """[tasks, steps]: the mean over each task's episodes of ``field`` ([tasks, episodes]
+    in each step's Episodes)."""
+    return np.stack(
+        [getattr(e, field).double().mean(dim=1).cpu().numpy() for e in episodes], axis=1
+    )
+
+
 def evaluate_params(
     cfg: Config,
     params: dict[str, torch.Tensor],
@@ -124,13 +132,10 @@ def evaluate_adaptation(
             result = learner.adapt(
                 params, tasks, num_steps, seed=derive_seed(seed, batch, 1), step_sizes=step_sizes
             )
-            returns.append(np.stack([e.returns.mean(dim=1).cpu().numpy()
-                                     for e in result.episodes], axis=1))  # fmt: skip
-            lengths.append(np.stack([e.lengths.double().mean(dim=1).cpu().numpy()
-                                     for e in result.episodes], axis=1))  # fmt: skip
+            returns.append(_per_task_mean(result.episodes, "returns"))
+            lengths.append(_per_task_mean(result.episodes, "lengths"))
             if result.episodes[0].successes is not None:
-                success.append(np.stack([e.successes.double().mean(dim=1).cpu().numpy()
-                                         for e in result.episodes], axis=1))  # fmt: skip
+                success.append(_per_task_mean(result.episodes, "successes"))
     return Evaluation(
         np.concatenate(returns),
         np.concatenate(success) if success else None,

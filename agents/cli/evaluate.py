@@ -5,8 +5,8 @@ Prints the return after 0..n inner steps (mean and standard error over test task
 success rate too for envs that report success, e.g. Meta-World; the mean episode length
 where episodes end before the horizon, e.g. an Ant that falls) and writes results.npz
 (per task, also the episode lengths) and results.csv into the run folder (or
---output-folder). Test tasks come from the env's
-held-out test split where it has one (Meta-World), else from its task distribution.
+--output-folder). Test tasks come from the env's held-out test split where it has one
+(Meta-World), else from its task distribution.
 """
 
 from __future__ import annotations
@@ -79,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_results(
             output, result.returns, result.success, result.step_sizes, result.lengths
         )
-        print(
-            format_table(
-                summary, result.returns.shape[0], result.step_sizes, cfg.max_episode_steps
-            )
-        )
+        num_tasks = result.returns.shape[0]
+        print(format_table(summary, num_tasks, result.step_sizes, cfg.max_episode_steps))
         return 0
 
     return run_command(work, verbose=args.verbose, log_folder=output)
