@@ -41,6 +41,15 @@ contact forces ``cfrc_ext``, which need ``mj_rnePostConstraint`` on a per-env Mj
 
 Termination is Ant-v5's: ``healthy = all(isfinite(qpos, qvel)) and 0.2 <= z <= 1.0``,
 ``terminated = not healthy``; the survive reward is paid only while healthy.
+
+The control period is gymnasium v5's unless ``frame_skip`` is passed (a constructor
+keyword, ``env-kwargs`` in a config): ``dt = 0.01 s x 5 = 0.05 s`` for both robots. The
+MAML paper's rllab models hold an action for one physics step: 0.01 s (HalfCheetah) and
+0.02 s (Ant, RK4 at timestep 0.02), so a 200-step episode spans 2 s and 4 s of motion
+where v5's spans 10 s. ``configs/ant-*.yaml`` set ``frame_skip: 2`` (0.02 s at v5's
+0.01 s timestep): at 0.05 s, zero-mean actions at the configs' init std of 1.0 throw the
+ant above ``z = 1`` within about 55 steps, so episodes end long before the horizon
+(docs/results/locomotion.md). The HalfCheetah configs keep 0.05 s.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import pytest
 
 from binom_rl.envs.mujoco_batch import MujocoRolloutBatchEnv
 from binom_rl.envs.mujoco_tasks import (
+    AntDirEnv,
     HalfCheetahDirEnv,
     HalfCheetahVelEnv,
 )
@@ -15,11 +16,11 @@ from binom_rl.envs.rand_params import HopperRandParamsEnv, Walker2dRandParamsEnv
 NUM_ENVS, NUM_STEPS = 3, 50
 
 
-@pytest.mark.parametrize("nthread", [0, 2])
-def test_batch_matches_gymnasium(mujoco_task_env, nthread):
-    """Same tasks, seeds and actions: same obs, rewards and terminations for 50 steps."""
-    cls = mujoco_task_env
-    env = cls()
+def _assert_batch_matches_gymnasium(cls: type, nthread: int, **env_kwargs) -> int:
+    """Step a batch env and one gymnasium env per task with the same tasks, seeds and
+    actions for 50 steps; assert the same obs, rewards and terminations; return the
+    number of terminations seen."""
+    env = cls(**env_kwargs)
     env.reset(seed=11)
     tasks = env.sample_tasks(NUM_ENVS)
     seeds = [3, 40, 500]
@@ -34,7 +35,7 @@ def test_batch_matches_gymnasium(mujoco_task_env, nthread):
 
     references = []
     for task, seed, batch_obs in zip(tasks, seeds, obs, strict=True):
-        ref = cls()
+        ref = cls(**env_kwargs)
         ref.reset_task(task)
         ref_obs, _ = ref.reset(seed=seed)
         np.testing.assert_allclose(batch_obs, ref_obs, rtol=1e-6, atol=1e-6)
@@ -51,9 +52,26 @@ def test_batch_matches_gymnasium(mujoco_task_env, nthread):
             np.testing.assert_allclose(reward[i], ref_reward, rtol=1e-6, atol=1e-6)
             assert terminated[i] == ref_terminated, (t, i)
             terminations += int(ref_terminated)
-    if cls in (HopperRandParamsEnv, Walker2dRandParamsEnv):
-        assert terminations > 0  # random actions make them fall: termination is exercised
     batch.close()
+    return terminations
+
+
+@pytest.mark.parametrize("nthread", [0, 2])
+def test_batch_matches_gymnasium(mujoco_task_env, nthread):
+    """Same tasks, seeds and actions: same obs, rewards and terminations for 50 steps."""
+    terminations = _assert_batch_matches_gymnasium(mujoco_task_env, nthread)
+    if mujoco_task_env in (HopperRandParamsEnv, Walker2dRandParamsEnv):
+        assert terminations > 0  # random actions make them fall: termination is exercised
+
+
+@pytest.mark.parametrize("cls", [AntDirEnv, HalfCheetahVelEnv])
+def test_batch_matches_gymnasium_at_another_frame_skip(cls):
+    """``frame_skip`` passed as an env kwarg (the Ant configs' rllab dt of 0.02 s) reaches
+    the batched path: it steps frame_skip substeps and the velocity divides by that dt."""
+    env = cls(frame_skip=2)
+    assert env.dt == pytest.approx(2 * env.model.opt.timestep)
+    assert env.make_batch_env(env.sample_tasks(1)).frame_skip == 2
+    _assert_batch_matches_gymnasium(cls, 0, frame_skip=2)
 
 
 def test_different_tasks_give_different_rewards_in_batch():

@@ -181,6 +181,21 @@ def test_reward_formulas():
     assert reward == pytest.approx(-distance + 4.0 - 0.005 * np.sum(action**2) + 0.05)
 
 
+@pytest.mark.parametrize("frame_skip", [5, 2])
+def test_ant_velocity_is_displacement_over_frame_skip_times_timestep(frame_skip):
+    """``v_x`` is the torso's x displacement over ``frame_skip * timestep`` (0.05 s for
+    Ant-v5, 0.02 s for the Ant configs' ``frame_skip: 2``), measured from qpos here."""
+    env = AntDirEnv(frame_skip=frame_skip)
+    env.reset_task({"direction": -1.0})
+    env.reset(seed=3)
+    x_before = float(env.data.qpos[0])
+    action = np.full(8, 0.5)
+    _, reward, _, _, info = env.step(action)
+    velocity = (float(env.data.qpos[0]) - x_before) / (frame_skip * env.model.opt.timestep)
+    assert info["x_velocity"] == pytest.approx(velocity)
+    assert reward == pytest.approx(-velocity - 0.005 * np.sum(action**2) + 0.05)
+
+
 def test_rand_params_change_dynamics():
     """Different parameters, same seed and actions -> different trajectories."""
     env = HopperRandParamsEnv()
