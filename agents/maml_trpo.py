@@ -70,6 +70,7 @@ class MetaLearner:
             cfg.hidden_sizes,
             cfg.nonlinearity,
             cfg.init_std,
+            cfg.init_output_scale,
         )
         self.phases = PhaseTimer(self.device)
         self.losses = PolicyLosses(self.policy)

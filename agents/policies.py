@@ -34,14 +34,30 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
 
 
 class _MLPPolicyBase(nn.Module):
-    """Shared MLP body: obs_dim -> hidden_sizes -> out_dim."""
+    """Shared MLP body: obs_dim -> hidden_sizes -> out_dim.
 
-    def __init__(self, obs_dim: int, out_dim: int, hidden_sizes: Sequence[int], nonlinearity: str):
+    ``init_output_scale`` multiplies the output layer's initial weights: 1.0 is plain
+    Xavier (MAML-RL); a small value starts the policy with outputs near zero for every
+    observation (the Gaussian's means, the categorical's logits), as CleanRL's PPO does with
+    0.01 (the Ant configs, docs/results/locomotion.md).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        out_dim: int,
+        hidden_sizes: Sequence[int],
+        nonlinearity: str,
+        init_output_scale: float = 1.0,
+    ):
         super().__init__()
         if nonlinearity not in ACTIVATIONS:
             raise ValueError(
                 f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}"
             )
+        if not init_output_scale > 0:
+            raise ValueError(f"init_output_scale must be > 0, got {init_output_scale}")
+        self.init_output_scale = float(init_output_scale)
         self.obs_dim = int(obs_dim)
         self.out_dim = int(out_dim)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
@@ -53,13 +69,16 @@ class _MLPPolicyBase(nn.Module):
         self._act = ACTIVATIONS[nonlinearity][0]
 
     def _init_layers(self, generator: torch.Generator | None) -> dict[str, Tensor]:
-        # Xavier-uniform weights, zero biases (MAML-RL convention); drawn from a
-        # private generator so init_params(seed) is reproducible and leaves the
-        # global RNG alone.
+        # Xavier-uniform weights, zero biases (MAML-RL convention), the output layer's
+        # weights times init_output_scale; drawn from a private generator so
+        # init_params(seed) is reproducible and leaves the global RNG alone.
         params: dict[str, Tensor] = {}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             fan_out, fan_in = layer.weight.shape
             bound = math.sqrt(6.0 / (fan_in + fan_out))
+            if i == last:
+                bound *= self.init_output_scale
             w = torch.rand(fan_out, fan_in, generator=generator, dtype=layer.weight.dtype)
             params[f"layers.{i}.weight"] = (2.0 * w - 1.0) * bound
             params[f"layers.{i}.bias"] = torch.zeros(fan_out, dtype=layer.bias.dtype)
@@ -103,8 +122,9 @@ class GaussianMLPPolicy(_MLPPolicyBase):
         nonlinearity: str = "tanh",
         init_std: float = 1.0,
         min_log_std: float | None = None,
+        init_output_scale: float = 1.0,
     ):
-        super().__init__(obs_dim, act_dim, hidden_sizes, nonlinearity)
+        super().__init__(obs_dim, act_dim, hidden_sizes, nonlinearity, init_output_scale)
         self.act_dim = int(act_dim)
         self.init_std = float(init_std)
         self.min_log_std = min_log_std
@@ -207,8 +227,9 @@ class CategoricalMLPPolicy(_MLPPolicyBase):
         num_actions: int,
         hidden_sizes: Sequence[int] = (64, 64),
         nonlinearity: str = "tanh",
+        init_output_scale: float = 1.0,
     ):
-        super().__init__(obs_dim, num_actions, hidden_sizes, nonlinearity)
+        super().__init__(obs_dim, num_actions, hidden_sizes, nonlinearity, init_output_scale)
         self.num_actions = int(num_actions)
         with torch.no_grad():
             for k, v in self.init_params(None).items():
@@ -285,16 +306,25 @@ def make_policy(
     hidden_sizes: Sequence[int],
     nonlinearity: str,
     init_std: float = 1.0,
+    init_output_scale: float = 1.0,
 ) -> Policy:
-    """Gaussian policy for Box actions, categorical for Discrete; observations must be a Box."""
+    """Gaussian policy for Box actions, categorical for Discrete; observations must be a Box.
+
+    ``init_std``: the Gaussian's initial sigma; ``init_output_scale``: see _MLPPolicyBase.
+    """
     if not isinstance(observation_space, gym.spaces.Box):
         raise ValueError(f"observation space must be a Box, got {observation_space}")
     obs_dim = int(math.prod(observation_space.shape))
     if isinstance(action_space, gym.spaces.Box):
         act_dim = int(math.prod(action_space.shape))
-        return GaussianMLPPolicy(obs_dim, act_dim, hidden_sizes, nonlinearity, init_std)
+        return GaussianMLPPolicy(
+            obs_dim, act_dim, hidden_sizes, nonlinearity, init_std,
+            init_output_scale=init_output_scale,
+        )
     if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalMLPPolicy(obs_dim, int(action_space.n), hidden_sizes, nonlinearity)
+        return CategoricalMLPPolicy(
+            obs_dim, int(action_space.n), hidden_sizes, nonlinearity, init_output_scale
+        )
     raise ValueError(f"unsupported action space {action_space}: need Box or Discrete")
 
 

@@ -244,7 +244,12 @@ def policy_for(cfg: Config, extra_obs: int = 0) -> Policy:
         if extra_obs:
             obs_space = spaces.Box(-np.inf, np.inf, (obs_space.shape[0] + extra_obs,), np.float32)
         return make_policy(
-            obs_space, env.action_space, cfg.hidden_sizes, cfg.nonlinearity, cfg.init_std
+            obs_space,
+            env.action_space,
+            cfg.hidden_sizes,
+            cfg.nonlinearity,
+            cfg.init_std,
+            cfg.init_output_scale,
         )
     finally:
         env.close()

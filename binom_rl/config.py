@@ -17,8 +17,8 @@ Keys by part of the algorithm:
   ``kl-target`` (null: eta fixed);
 - meta-gradient estimator and engine: ``estimator``, ``order``, ``chunk-size``,
   ``hvp-mode``, ``diagnose-every``;
-- policy and run: ``hidden-sizes``, ``nonlinearity``, ``init-std``, ``rescale-actions``,
-  ``clip-actions``, ``seed``, ``device``, ``num-workers``.
+- policy and run: ``hidden-sizes``, ``nonlinearity``, ``init-std``, ``init-output-scale``,
+  ``rescale-actions``, ``clip-actions``, ``seed``, ``device``, ``num-workers``.
 
 The keys of the outer algorithm a run does not use are validated and otherwise ignored.
 """
@@ -110,6 +110,8 @@ class Config:
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     nonlinearity: str = "tanh"
     init_std: float = 1.0
+    # Multiplies the output layer's initial (Xavier) weights; small: initial means near 0.
+    init_output_scale: float = 1.0
     # The policy acts in [-1, 1] per dimension and the sampler maps that affinely onto the
     # env's Box bounds, as rllab's normalize() did for every task in the MAML paper.
     # Identity for bounds [-1, 1] (all MuJoCo tasks here); 2D navigation's are +-0.1.
@@ -183,7 +185,7 @@ class Config:
 
     def validate(self) -> None:
         """Value checks (types are checked in from_dict)."""
-        for name in ("fast_lr", "max_kl", "init_std", "outer_lr"):
+        for name in ("fast_lr", "max_kl", "init_std", "init_output_scale", "outer_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
         for name in (

@@ -53,6 +53,16 @@ def _learner(samplers, env_name=NAV, **overrides) -> MetaLearner:
     return MetaLearner(cfg, samplers(env_name))
 
 
+def test_learner_policy_takes_the_config_init_output_scale(samplers):
+    # init-output-scale reaches the learner's initial parameters: the output layer's
+    # weights are the default run's times the scale (same seed), the rest unchanged.
+    default = _learner(samplers).init_params(3)
+    small = _learner(samplers, **{"init-output-scale": 0.01}).init_params(3)
+    for k in default:
+        scale = 0.01 if k == "layers.1.weight" else 1.0
+        assert torch.allclose(small[k], scale * default[k], rtol=1e-6, atol=0), k
+
+
 def _adapted(learner: MetaLearner, seed: int = 0):
     """theta, the adaptation (sampled with the learner's own inner loop) and the outer data
     exactly as trpo_step builds it (old log-probs and distribution at phi_K)."""

@@ -213,13 +213,43 @@ def test_batched_sample(which, gauss, cat):
             assert torch.allclose(freq, probs, atol=0.015)
 
 
+@pytest.mark.parametrize("which", ["gauss", "cat"])
+def test_init_output_scale_scales_only_the_output_layer(which):
+    # Same seed, scale 1 and 0.01: the hidden layers are drawn identically, the output
+    # weights are the Xavier draw times the scale, so every output is 0.01 times as large.
+    make = {
+        "gauss": lambda s: GaussianMLPPolicy(OBS_DIM, ACT_DIM, (8, 8), "tanh", 0.7,
+                                             init_output_scale=s),
+        "cat": lambda s: CategoricalMLPPolicy(OBS_DIM, N_ACT, (8, 8), "tanh", s),
+    }[which]  # fmt: skip
+    full, small = make(1.0).init_params(seed=5), make(0.01).init_params(seed=5)
+    assert list(full) == list(small)
+    for k in full:
+        expected = full[k] * 0.01 if k == "layers.2.weight" else full[k]
+        assert torch.allclose(small[k], expected, rtol=1e-6, atol=0), k
+    # Xavier-uniform bound sqrt(6 / (fan_in + fan_out)) on the output layer, times the scale
+    out = full["layers.2.weight"]
+    bound = (6.0 / sum(out.shape)) ** 0.5
+    assert out.abs().max() <= bound and out.abs().max() > 0.5 * bound
+    obs = torch.randn(50, OBS_DIM)
+    pol_full, pol_small = make(1.0), make(0.01)
+    out_full = pol_full.dist_params(full, obs)
+    out_small = pol_small.dist_params(small, obs)
+    if which == "gauss":
+        out_full, out_small = out_full[0], out_small[0]
+    assert torch.allclose(out_small, 0.01 * out_full, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="init_output_scale must be > 0"):
+        make(0.0)
+
+
 def test_make_policy():
     obs_space = gym.spaces.Box(-1, 1, (OBS_DIM,))
     pol = make_policy(obs_space, gym.spaces.Box(-1, 1, (ACT_DIM,)), (16,), "relu", init_std=0.5)
     assert isinstance(pol, GaussianMLPPolicy) and pol.act_dim == ACT_DIM
-    assert pol.init_std == 0.5 and pol.nonlinearity == "relu"
-    pol = make_policy(obs_space, gym.spaces.Discrete(N_ACT), (16,), "tanh")
+    assert pol.init_std == 0.5 and pol.nonlinearity == "relu" and pol.init_output_scale == 1.0
+    pol = make_policy(obs_space, gym.spaces.Discrete(N_ACT), (16,), "tanh", 1.0, 0.1)
     assert isinstance(pol, CategoricalMLPPolicy) and pol.num_actions == N_ACT
+    assert pol.init_output_scale == 0.1
     with pytest.raises(ValueError):
         make_policy(obs_space, gym.spaces.MultiBinary(3), (16,), "tanh")
 

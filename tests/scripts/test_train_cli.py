@@ -401,6 +401,7 @@ BAD_FLAGS = {
     "zero fast batch": (["--fast-batch-size", "0"], "fast-batch-size must be >= 1"),
     "negative meta batch": (["--meta-batch-size", "-3"], "meta-batch-size must be >= 1"),
     "zero max-kl": (["--max-kl", "0"], "max-kl must be > 0"),
+    "zero init output scale": (["--init-output-scale", "0"], "init-output-scale must be > 0"),
     "trunc order > steps": (
         ["--estimator", "trunc", "--order", "2", "--num-steps", "1"],
         "order for estimator trunc (num-steps 1): order 2 > 1 inner steps",
