@@ -42,7 +42,7 @@ def initial_policy(policy, params, rng: np.random.Generator, abs_means: list[flo
     return act
 
 
-def row(env: gym.Env, results: list[tuple[int, int, int]]) -> str:
+def row(results: list[tuple[int, int, int]]) -> str:
     lengths = [r[0] for r in results]
     full = sum(length == HORIZON for length in lengths)
     high, low = sum(r[1] for r in results), sum(r[2] for r in results)
@@ -56,7 +56,7 @@ for frame_skip in (5, 2):
         env = gym.make("binom_rl/AntDir-v0", max_episode_steps=HORIZON, frame_skip=frame_skip)
         rng = np.random.default_rng(0)
         results = [episode_end(env, seed, zero_mean(std, rng)) for seed in range(EPISODES)]
-        print(f"| {frame_skip} | {env.unwrapped.dt:.2f} | {std} | {row(env, results)}")
+        print(f"| {frame_skip} | {env.unwrapped.dt:.2f} | {std} | {row(results)}")
         env.close()
 
 print()
@@ -76,6 +76,6 @@ for frame_skip in (5, 2):
         ]
         print(
             f"| {frame_skip} | {env.unwrapped.dt:.2f} | {scale} | {np.mean(abs_means):.3f} "
-            f"| {row(env, results)}"
+            f"| {row(results)}"
         )
         env.close()
