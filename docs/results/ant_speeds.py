@@ -1,12 +1,13 @@
-"""How fast the shipped AntVel policy runs against each test task's goal speed, before and
-after its one inner step (docs/results/locomotion.md, "What the AntVel policy learned"):
-``python docs/results/ant_vel_speeds.py [RUN]`` (default docs/results/runs/ant-vel).
+"""How fast a trained AntVel or AntDir policy runs on each test task, before and after its
+one inner step (docs/results/locomotion.md, "What the AntVel policy learned"):
+``python docs/results/ant_speeds.py [RUN]`` (default docs/results/runs/ant-vel).
 
 The test tasks, episode seeds and inner step are evaluate.py's (``--meta-batch-size 40
 --num-batches 3``), so the returns are its table's. A task's speed is the mean torso
 x-velocity (qvel[0], observation entry 13) over the running steps of its episodes; the
 reward's velocity is the displacement per step, which this tracks but does not equal.
-Prints a table by goal-speed bin and writes docs/results/locomotion_antvel_speeds.png.
+Prints a table by goal (AntVel: goal-speed bins; AntDir: the two directions) and writes
+docs/results/locomotion_<antvel|antdir>_speeds.png.
 """
 
 import sys
@@ -25,8 +26,11 @@ from binom_rl.agents.training import open_sampler  # noqa: E402
 
 QVEL_X = 13  # Ant-v5 observation: qpos[2:] (13 entries), then qvel; qvel[0] is the torso's x
 META_BATCH, BATCHES = 40, 3
-BINS = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
-OUT = Path(__file__).with_name("locomotion_antvel_speeds.png")
+# per task key: the goal's name, and bins (label, lo, hi) with lo <= goal < hi
+TASKS = {
+    "velocity": ("goal speed", [("[0, 1)", 0.0, 1.0), ("[1, 2)", 1.0, 2.0), ("[2, 3]", 2.0, 3.1)]),
+    "direction": ("direction", [("-1 (backward)", -2.0, 0.0), ("+1 (forward)", 0.0, 2.0)]),
+}
 
 run = sys.argv[1] if len(sys.argv) > 1 else "docs/results/runs/ant-vel"
 cfg, params = load_run(run)
@@ -36,11 +40,12 @@ with open_sampler(cfg) as sampler:
     learner = MetaLearner(cfg, sampler)
     for batch in range(BATCHES):
         tasks = sampler.sample_tasks(META_BATCH, seed=derive_seed(seed, batch, 0), split="test")
+        key = next(k for k in TASKS if k in tasks[0])
         result = learner.adapt(
             params, tasks, 1, seed=derive_seed(seed, batch, 1),
             step_sizes=adaptation_step_sizes(cfg, 1),
         )  # fmt: skip
-        goal.append([float(t["velocity"]) for t in tasks])
+        goal.append([float(t[key]) for t in tasks])
         per_step = []
         for e in result.episodes:  # [H, T, B] mask; observations [H, T, B, obs]
             vx = (e.observations[..., QVEL_X] * e.mask).sum(dim=(0, 2)) / e.mask.sum(dim=(0, 2))
@@ -50,63 +55,62 @@ with open_sampler(cfg) as sampler:
         ret.append(torch.stack([p[2] for p in per_step], 1).numpy())
 goal = np.concatenate(goal)
 speed, length, ret = (np.concatenate(x) for x in (speed, length, ret))
+goal_name, bins = TASKS[key]
+# AntVel: distance to the goal speed; AntDir: speed along the goal direction
+task_speed, task_col = (
+    (np.abs(speed - goal[:, None]), "|speed - goal|")
+    if key == "velocity"
+    else (speed * goal[:, None], "direction x speed")
+)
 
 print(
-    f"{len(goal)} test tasks; returns {ret[:, 0].mean():.2f} (0 steps), {ret[:, 1].mean():.2f}"
-    " (1 step)"
+    f"{run}: {len(goal)} test tasks; returns {ret[:, 0].mean():.2f} (0 steps), "
+    f"{ret[:, 1].mean():.2f} (1 step)"
 )
 print(
-    "| goal speed | tasks | speed, 0 / 1 step | |speed - goal|, 0 / 1 | episode length, 0 / 1 "
+    f"| {goal_name} | tasks | speed, 0 / 1 step | {task_col}, 0 / 1 | episode length, 0 / 1 "
     "| return, 0 / 1 |"
 )
 print("|---|---|---|---|---|---|")
-
-
-def in_bin(lo: float, hi: float) -> np.ndarray:
-    """Tasks with goal in [lo, hi), the last bin closed: [2, 3]."""
-    return (goal >= lo) & ((goal < hi) | (hi == BINS[-1][1]))
-
-
-def bin_name(lo: float, hi: float) -> str:
-    return f"[{lo:.0f}, {hi:.0f}{']' if hi == BINS[-1][1] else ')'}"
-
-
-for lo, hi in BINS:
-    m = in_bin(lo, hi)
-    err = np.abs(speed[m] - goal[m, None]).mean(0)
+gain = ret[:, 1] - ret[:, 0]
+for label, lo, hi in bins:
+    m = (goal >= lo) & (goal < hi)
     print(
-        f"| {bin_name(lo, hi)} | {m.sum()} | {speed[m, 0].mean():.2f} / {speed[m, 1].mean():.2f}"
-        f" | {err[0]:.2f} / {err[1]:.2f} | {length[m, 0].mean():.1f} / {length[m, 1].mean():.1f}"
+        f"| {label} | {m.sum()} | {speed[m, 0].mean():.2f} / {speed[m, 1].mean():.2f}"
+        f" | {task_speed[m, 0].mean():.2f} / {task_speed[m, 1].mean():.2f}"
+        f" | {length[m, 0].mean():.1f} / {length[m, 1].mean():.1f}"
         f" | {ret[m, 0].mean():.1f} / {ret[m, 1].mean():.1f} |"
     )
+print(
+    "the step's mean gain over all tasks, by bin: "
+    + ", ".join(f"{label} {gain[(goal >= lo) & (goal < hi)].sum() / len(goal):+.1f}"
+                for label, lo, hi in bins)
+)  # fmt: skip
 slope = np.polyfit(goal, speed[:, 1], 1)
 print(
-    f"least-squares speed after the step = {slope[0]:.3f} * goal + {slope[1]:.3f}; "
+    f"least-squares speed after the step = {slope[0]:.3f} * {goal_name} + {slope[1]:.3f}; "
     f"correlation {np.corrcoef(goal, speed[:, 1])[0, 1]:.3f} (0 steps: "
     f"{np.corrcoef(goal, speed[:, 0])[0, 1]:.3f})"
 )
 print(f"fastest task: {speed[:, 0].max():.2f} (0 steps), {speed[:, 1].max():.2f} (1 step)")
-gain = ret[:, 1] - ret[:, 0]
-print(
-    "the step's mean gain over all tasks, by bin: "
-    + ", ".join(
-        f"{bin_name(lo, hi)} {gain[in_bin(lo, hi)].sum() / len(goal):+.1f}" for lo, hi in BINS
-    )
-)
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+# AntDir's goals are +-1: spread the points sideways to see them
+x = goal if key == "velocity" else goal + np.random.default_rng(0).uniform(-0.2, 0.2, len(goal))
 for k, label in enumerate(("0 steps", "1 step")):
-    axes[0].scatter(goal, speed[:, k], s=12, label=label)
-    axes[1].scatter(goal, length[:, k], s=12, label=label)
-axes[0].plot([0, 3], [0, 3], "k--", lw=1, label="speed = goal")
-axes[0].set(xlabel="goal speed", ylabel="mean torso x-velocity", title="speed per test task")
+    axes[0].scatter(x, speed[:, k], s=12, label=label)
+    axes[1].scatter(x, length[:, k], s=12, label=label)
+if key == "velocity":
+    axes[0].plot([0, 3], [0, 3], "k--", lw=1, label="speed = goal")
+axes[0].set(xlabel=goal_name, ylabel="mean torso x-velocity", title="speed per test task")
 axes[1].set(
-    xlabel="goal speed", ylabel="mean episode length (of 200)", title="episode length per test task"
+    xlabel=goal_name, ylabel="mean episode length (of 200)", title="episode length per test task"
 )
 for ax in axes:
     ax.legend()
     ax.grid(alpha=0.3)
 fig.suptitle(f"{run}: {len(goal)} test tasks, {cfg.fast_batch_size} episodes each")
 fig.tight_layout()
-fig.savefig(OUT, dpi=100)
-print(f"wrote {OUT}")
+out = Path(__file__).with_name(f"locomotion_ant{'vel' if key == 'velocity' else 'dir'}_speeds.png")
+fig.savefig(out, dpi=100)
+print(f"wrote {out}")
