@@ -1,5 +1,5 @@
 """How fast a trained AntVel or AntDir policy runs on each test task, before and after its
-one inner step (docs/results/locomotion.md, "What the AntVel policy learned"):
+one inner step (docs/results/locomotion.md, "Per-task speeds"):
 ``python docs/results/ant_speeds.py [RUN [PNG]]`` (default docs/results/runs/ant-vel).
 
 The test tasks, episode seeds and inner step are evaluate.py's (``--meta-batch-size 40
