@@ -343,7 +343,9 @@ class _ProcessWorker(_Worker):
         return RuntimeError(
             f"sampler worker {self.index} died (exit code {code}); if the env "
             "is defined in a module workers cannot import, use num_workers=1 or a "
-            "'module:EnvId' id"
+            "'module:EnvId' id; a script that opens the sampler at its top level needs "
+            "an `if __name__ == \"__main__\":` guard (workers start by importing the "
+            "main module)"
         )
 
     def send(self, cmd: str, *args: Any) -> None:

@@ -3,6 +3,7 @@
 import functools
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -358,3 +359,29 @@ def test_process_workers_running_the_policy_match_in_process(user_env_id, monkey
             sampler.sample(tasks, parent_only.act, batch_size=3, seed=1)
     with MultiTaskSampler(user_env_id, act_in_workers=True) as in_process:
         assert not in_process.act_in_workers  # one in-process worker is always stepped
+
+
+def test_unguarded_script_with_workers_names_the_main_guard(tmp_path):
+    # workers start by importing the main module; a script that opens a multi-worker
+    # sampler at its top level starts workers from inside that import, and they die
+    body = textwrap.dedent(f"""
+        sampler = MultiTaskSampler({NAV!r}, num_workers=2, max_episode_steps=5)
+        tasks = sampler.sample_tasks(2, seed=0)
+        sampler.sample(tasks, lambda obs, gen: torch.zeros(*obs.shape[:-1], 2), 1, seed=0)
+        print("sampled")
+    """)
+    head = "import torch\nfrom binom_rl.sampler import MultiTaskSampler\n"
+    guarded = head + 'if __name__ == "__main__":\n' + textwrap.indent(body, "    ")
+
+    def run(name: str, text: str) -> subprocess.CompletedProcess:
+        (tmp_path / name).write_text(text)
+        return subprocess.run(
+            [sys.executable, name], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+
+    done = run("unguarded.py", head + body)
+    assert done.returncode != 0 and "sampled" not in done.stdout
+    assert "died (exit code 1)" in done.stderr, done.stderr[-2000:]
+    assert 'if __name__ == "__main__":` guard' in done.stderr
+    done = run("guarded.py", guarded)
+    assert done.returncode == 0 and "sampled" in done.stdout, done.stderr[-2000:]
