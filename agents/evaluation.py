@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from binom_rl.agents.inner_loop import AdaptationResult
 from binom_rl.agents.maml_trpo import MetaLearner, derive_seed
 from binom_rl.agents.training import CHECKPOINT_FILE, CONFIG_FILE, open_sampler
 from binom_rl.checkpoint import load_checkpoint
@@ -47,7 +48,6 @@ def adaptation_step_sizes(
     if not 0 < decay <= 1:
         raise ConfigError(f"step-size-decay must be in (0, 1], got {decay}")
     return [cfg.fast_lr * decay ** max(0, n - cfg.num_steps) for n in range(1, num_steps + 1)]
-
 
 
 def load_run(run: str | os.PathLike, device: str | None = None) -> tuple[Config, dict]:
@@ -110,9 +110,15 @@ def evaluate_adaptation(
     seed: int | None = None,
     progress: bool = True,
     step_size_decay: float = STEP_SIZE_DECAY,
+    on_batch: Callable[[list[dict], AdaptationResult], None] | None = None,
 ) -> Evaluation:
     """Returns and success rates [num_batches * meta_batch_size, num_steps + 1] of the test
-    tasks (module doc)."""
+    tasks (module doc).
+
+    ``on_batch(tasks, result)``, where given, sees each batch's test tasks and their
+    adaptation (the episodes of every step, the adapted parameters), in order, so that an
+    analysis of the episodes (docs/results/ant_speeds.py) runs on the table's own tasks and
+    seeds instead of repeating this loop."""
     for name, value in (
         ("num_steps", num_steps),
         ("meta_batch_size", meta_batch_size),
@@ -132,6 +138,8 @@ def evaluate_adaptation(
             result = learner.adapt(
                 params, tasks, num_steps, seed=derive_seed(seed, batch, 1), step_sizes=step_sizes
             )
+            if on_batch is not None:
+                on_batch(tasks, result)
             returns.append(_per_task_mean(result.episodes, "returns"))
             lengths.append(_per_task_mean(result.episodes, "lengths"))
             if result.episodes[0].successes is not None:

@@ -3,7 +3,8 @@ one inner step (docs/results/locomotion.md, "Per-task speeds"):
 ``python docs/results/ant_speeds.py [RUN [PNG]]`` (default docs/results/runs/ant-vel).
 
 The test tasks, episode seeds and inner step are evaluate.py's (``--meta-batch-size 40
---num-batches 3``), so the returns are its table's. A task's speed is the mean torso
+--num-batches 3``; evaluate_adaptation's ``on_batch`` hook hands over each batch's
+episodes), so the returns are its table's. A task's speed is the mean torso
 x-velocity (qvel[0], observation entry 13) over the running steps of its episodes; the
 reward's velocity is the displacement per step, which this tracks but does not equal.
 Prints a table by goal (AntVel: goal-speed bins; AntDir: the two directions) and writes PNG
@@ -20,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from binom_rl.agents.evaluation import TEST_SEED_OFFSET, adaptation_step_sizes, load_run  # noqa: E402
-from binom_rl.agents.maml_trpo import MetaLearner, derive_seed  # noqa: E402
-from binom_rl.agents.training import open_sampler  # noqa: E402
+from binom_rl.agents.evaluation import evaluate_adaptation, load_run  # noqa: E402
+from binom_rl.agents.inner_loop import AdaptationResult  # noqa: E402
+from binom_rl.sampler import Episodes  # noqa: E402
 
 QVEL_X = 13  # Ant-v5 observation: qpos[2:] (13 entries), then qvel; qvel[0] is the torso's x
 META_BATCH, BATCHES = 40, 3
@@ -33,30 +34,29 @@ TASKS = {
 }
 
 
+def mean_x_velocity(episodes: Episodes) -> torch.Tensor:
+    """[tasks]: qvel[0] averaged over the running steps of each task's episodes."""
+    vx, mask = episodes.observations[..., QVEL_X], episodes.mask  # [H, T, B, obs], [H, T, B]
+    return (vx * mask).sum(dim=(0, 2)) / mask.sum(dim=(0, 2))
+
+
 def main() -> None:
     run = sys.argv[1] if len(sys.argv) > 1 else "docs/results/runs/ant-vel"
     cfg, params = load_run(run)
-    seed = cfg.seed + TEST_SEED_OFFSET
-    goal, speed, length, ret = [], [], [], []  # per task; speed etc. [tasks, 2] (0 and 1 step)
-    with open_sampler(cfg) as sampler:
-        learner = MetaLearner(cfg, sampler)
-        for batch in range(BATCHES):
-            tasks = sampler.sample_tasks(META_BATCH, seed=derive_seed(seed, batch, 0), split="test")
-            key = next(k for k in TASKS if k in tasks[0])
-            result = learner.adapt(
-                params, tasks, 1, seed=derive_seed(seed, batch, 1),
-                step_sizes=adaptation_step_sizes(cfg, 1),
-            )  # fmt: skip
-            goal.append([float(t[key]) for t in tasks])
-            per_step = []
-            for e in result.episodes:  # [H, T, B] mask; observations [H, T, B, obs]
-                vx = (e.observations[..., QVEL_X] * e.mask).sum(dim=(0, 2)) / e.mask.sum(dim=(0, 2))
-                per_step.append((vx, e.lengths.double().mean(1), e.returns.double().mean(1)))
-            speed.append(torch.stack([p[0] for p in per_step], 1).numpy())
-            length.append(torch.stack([p[1] for p in per_step], 1).numpy())
-            ret.append(torch.stack([p[2] for p in per_step], 1).numpy())
-    goal = np.concatenate(goal)
-    speed, length, ret = (np.concatenate(x) for x in (speed, length, ret))
+    keys, goal, speed = [], [], []  # per batch; speed [tasks, 2] (0 and 1 step)
+
+    def record(tasks: list[dict], result: AdaptationResult) -> None:
+        keys.append(next(k for k in TASKS if k in tasks[0]))
+        goal.append([float(t[keys[-1]]) for t in tasks])
+        speed.append(torch.stack([mean_x_velocity(e) for e in result.episodes], 1).numpy())
+
+    evaluation = evaluate_adaptation(
+        cfg, params, num_steps=1, meta_batch_size=META_BATCH, num_batches=BATCHES,
+        progress=False, on_batch=record,
+    )  # fmt: skip
+    key = keys[0]
+    ret, length = evaluation.returns, evaluation.lengths
+    goal, speed = np.concatenate(goal), np.concatenate(speed)
     goal_name, bins = TASKS[key]
     # AntVel: distance to the goal speed; AntDir: speed along the goal direction
     task_speed, task_col = (
@@ -75,8 +75,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     gain = ret[:, 1] - ret[:, 0]
-    for label, lo, hi in bins:
-        m = (goal >= lo) & (goal < hi)
+    masks = {label: (goal >= lo) & (goal < hi) for label, lo, hi in bins}
+    for label, m in masks.items():
         print(
             f"| {label} | {m.sum()} | {speed[m, 0].mean():.2f} / {speed[m, 1].mean():.2f}"
             f" | {task_speed[m, 0].mean():.2f} / {task_speed[m, 1].mean():.2f}"
@@ -85,9 +85,8 @@ def main() -> None:
         )
     print(
         "the step's mean gain over all tasks, by bin: "
-        + ", ".join(f"{label} {gain[(goal >= lo) & (goal < hi)].sum() / len(goal):+.1f}"
-                    for label, lo, hi in bins)
-    )  # fmt: skip
+        + ", ".join(f"{label} {gain[m].sum() / len(goal):+.1f}" for label, m in masks.items())
+    )
     slope = np.polyfit(goal, speed[:, 1], 1)
     print(
         f"least-squares speed after the step = {slope[0]:.3f} * {goal_name} + {slope[1]:.3f}; "

@@ -130,3 +130,27 @@ def test_training_logs_the_episode_length_of_each_step(countdown_config):
         ).mean()
     assert metrics["episodes/length_step_0"] == pytest.approx(expected, rel=1e-12)
     assert metrics["episodes/length_step_1"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_on_batch_sees_each_batchs_test_tasks_and_episodes(countdown_config):
+    """on_batch(tasks, result) is called once per batch, in order, with the test tasks the
+    batch's seed draws and the episodes the table's returns and lengths are the means of."""
+    cfg = countdown_config
+    with MultiTaskSampler(cfg.env_name) as sampler:
+        params = MetaLearner(cfg, sampler).init_params(0)
+        expected_tasks = [
+            sampler.sample_tasks(4, seed=derive_seed(11, b, 0), split="test") for b in range(2)
+        ]
+    seen = []
+    result = evaluate_adaptation(
+        cfg, params, num_steps=2, meta_batch_size=4, num_batches=2, seed=11, progress=False,
+        on_batch=lambda tasks, adaptation: seen.append((tasks, adaptation)),
+    )  # fmt: skip
+    assert [tasks for tasks, _ in seen] == expected_tasks
+    assert all(len(adaptation.episodes) == 3 for _, adaptation in seen)  # steps 0, 1, 2
+    for field, table in (("returns", result.returns), ("lengths", result.lengths)):
+        means = np.concatenate([
+            np.stack([getattr(e, field).double().mean(dim=1).numpy() for e in a.episodes], 1)
+            for _, a in seen
+        ])  # fmt: skip
+        np.testing.assert_array_equal(means, table)
