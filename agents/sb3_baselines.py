@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from binom_rl.agents.policies import (
 )
 from binom_rl.config import Config, ConfigError
 from binom_rl.envs.batch import check_task_protocol
-from binom_rl.sampler import Episodes, MultiTaskSampler
+from binom_rl.sampler import MultiTaskSampler
 
 __all__ = [
     "BASELINES",
@@ -158,17 +157,12 @@ def train_ppo(
     seed: int,
     append_task: bool = False,
     save_path: str | os.PathLike | None = None,
-    tensorboard_log: str | os.PathLike | None = None,
-    callback: Any = None,
 ) -> Any:
     """SB3 PPO (defaults, ``gamma`` from cfg, CPU) on the task distribution; returns the model.
 
     ``n_steps`` is ``min(2048, total_timesteps)`` rounded down to a multiple of the
     mini-batch size 64 (tiny budgets: one mini-batch of all steps), so that they still update.
-    The caller sets torch's thread count (``torch.set_num_threads``). With
-    ``tensorboard_log`` SB3 writes its training curve there (``rollout/ep_rew_mean``, the
-    mean return of the last 100 episodes, against env steps); ``callback`` goes to SB3's
-    ``learn`` (e.g. a progress bar).
+    The caller sets torch's thread count (``torch.set_num_threads``).
     """
     from stable_baselines3 import PPO  # deferred: SB3 import is slow and optional for training
 
@@ -189,9 +183,8 @@ def train_ppo(
         seed=seed,
         device="cpu",
         verbose=0,
-        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
     )
-    model.learn(total_timesteps=int(total_timesteps), callback=callback)
+    model.learn(total_timesteps=int(total_timesteps), progress_bar=False)
     if save_path is not None:
         model.save(str(save_path))
     env.close()
@@ -269,15 +262,12 @@ def evaluate_oracle(
     meta_batch_size: int,
     num_batches: int,
     seed: int,
-    on_batch: Callable[[list[dict[str, Any]], Episodes], None] | None = None,
 ) -> np.ndarray:
     """Mean return per test task of the oracle PPO policy, 0 adaptation steps: [tasks, 1].
 
     The same test tasks, ``fast-batch-size`` episodes per task and episode seeds as
     :func:`~binom_rl.agents.evaluation.evaluate_params` with the same ``seed`` (its step-0
     sample), stochastic actions drawn from the converted policy on ``[obs, task features]``.
-    ``on_batch(tasks, episodes)``, where given, sees each batch's test tasks and episodes
-    (the observations without the task features).
     """
     with MultiTaskSampler.from_config(cfg, device="cpu") as sampler:
         probe = sampler.sample_tasks(1, seed=0)[0]
@@ -298,8 +288,6 @@ def evaluate_oracle(
             episodes = sampler.sample(
                 tasks, act, cfg.fast_batch_size, seed=derive_seed(derive_seed(seed, batch, 1), 0)
             )
-            if on_batch is not None:
-                on_batch(tasks, episodes)
             rows.append(episodes.returns.mean(dim=1).cpu().numpy()[:, None])
     return np.concatenate(rows, axis=0)
 
