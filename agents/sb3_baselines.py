@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from binom_rl.agents.policies import (
 )
 from binom_rl.config import Config, ConfigError
 from binom_rl.envs.batch import check_task_protocol
-from binom_rl.sampler import MultiTaskSampler
+from binom_rl.sampler import Episodes, MultiTaskSampler
 
 __all__ = [
     "BASELINES",
@@ -58,6 +59,8 @@ __all__ = [
     "sb3_to_params",
     "policy_for",
     "evaluate_oracle",
+    "save_ppo",
+    "load_ppo",
 ]
 
 BASELINES = ("pretrained", "oracle", "random")
@@ -157,18 +160,34 @@ def train_ppo(
     seed: int,
     append_task: bool = False,
     save_path: str | os.PathLike | None = None,
+    tensorboard_log: str | os.PathLike | None = None,
+    callback: Any = None,
+    normalize: bool = False,
 ) -> Any:
     """SB3 PPO (defaults, ``gamma`` from cfg, CPU) on the task distribution; returns the model.
 
     ``n_steps`` is ``min(2048, total_timesteps)`` rounded down to a multiple of the
     mini-batch size 64 (tiny budgets: one mini-batch of all steps), so that they still update.
-    The caller sets torch's thread count (``torch.set_num_threads``).
+    The caller sets torch's thread count (``torch.set_num_threads``). With
+    ``tensorboard_log`` SB3 writes its training curve there (``rollout/ep_rew_mean``, the
+    mean return of the last 100 episodes, against env steps); ``callback`` goes to SB3's
+    ``learn`` (e.g. a progress bar). With ``normalize`` PPO learns on SB3's
+    ``VecNormalize`` (running mean and variance of the observations, returns scaled by
+    their running std), as SB3's zoo trains MuJoCo; :func:`save_ppo` and :func:`load_ppo`
+    keep the statistics beside the model and :func:`evaluate_oracle` applies them, while
+    :func:`sb3_to_params` alone gives the weights of a policy that reads normalised inputs.
     """
     from stable_baselines3 import PPO  # deferred: SB3 import is slow and optional for training
 
     if total_timesteps < 1:
         raise ConfigError(f"baseline timesteps must be >= 1, got {total_timesteps}")
-    env = make_baseline_env(cfg, append_task=append_task)
+    env: Any = make_baseline_env(cfg, append_task=append_task)
+    if normalize:
+        from stable_baselines3.common.monitor import Monitor
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+        # Monitor inside, so that the logged episode returns are the env's own
+        env = VecNormalize(DummyVecEnv([lambda: Monitor(env)]), gamma=cfg.gamma)
     if total_timesteps >= 64:
         n_steps, batch_size = min(2048, total_timesteps // 64 * 64), 64
     else:
@@ -183,12 +202,60 @@ def train_ppo(
         seed=seed,
         device="cpu",
         verbose=0,
+        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
     )
-    model.learn(total_timesteps=int(total_timesteps), progress_bar=False)
+    model.learn(total_timesteps=int(total_timesteps), callback=callback)
     if save_path is not None:
-        model.save(str(save_path))
+        save_ppo(model, save_path)
     env.close()
     return model
+
+
+def _normalizer_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.vecnormalize.pkl")
+
+
+def save_ppo(model: Any, path: str | os.PathLike) -> None:
+    """``model.save(path)``, and its VecNormalize statistics beside it
+    (``<stem>.vecnormalize.pkl``) where it was trained with ``normalize``."""
+    model.save(str(path))
+    normalizer = model.get_vec_normalize_env()
+    if normalizer is not None:
+        normalizer.save(str(_normalizer_path(path)))
+
+
+def load_ppo(cfg: Config, path: str | os.PathLike, append_task: bool = False) -> Any:
+    """A PPO model saved by :func:`save_ppo`, with its VecNormalize statistics if saved."""
+    from stable_baselines3 import PPO
+
+    stats = _normalizer_path(path)
+    if not stats.is_file():
+        return PPO.load(str(path), device="cpu")
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    venv = DummyVecEnv([lambda: make_baseline_env(cfg, append_task=append_task)])
+    normalizer = VecNormalize.load(str(stats), venv)
+    normalizer.training = False  # loaded for evaluation: the statistics stay as saved
+    return PPO.load(str(path), env=normalizer, device="cpu")
+
+
+def _obs_normalizer(model: Any) -> Callable[[Tensor], Tensor]:
+    """The model's VecNormalize observation transform on tensors (identity without one):
+    ``clip((x - mean) / sqrt(var + eps), -clip_obs, clip_obs)``, as SB3 computes it."""
+    normalizer = model.get_vec_normalize_env() if hasattr(model, "get_vec_normalize_env") else None
+    if normalizer is None or not normalizer.norm_obs:
+        return lambda x: x
+    mean = torch.as_tensor(normalizer.obs_rms.mean, dtype=torch.float64)
+    scale = torch.sqrt(
+        torch.as_tensor(normalizer.obs_rms.var, dtype=torch.float64) + normalizer.epsilon
+    )
+    bound = float(normalizer.clip_obs)
+
+    def transform(x: Tensor) -> Tensor:
+        return ((x.double() - mean) / scale).clamp(-bound, bound).to(x.dtype)
+
+    return transform
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -262,17 +329,22 @@ def evaluate_oracle(
     meta_batch_size: int,
     num_batches: int,
     seed: int,
+    on_batch: Callable[[list[dict[str, Any]], Episodes], None] | None = None,
 ) -> np.ndarray:
     """Mean return per test task of the oracle PPO policy, 0 adaptation steps: [tasks, 1].
 
     The same test tasks, ``fast-batch-size`` episodes per task and episode seeds as
     :func:`~binom_rl.agents.evaluation.evaluate_params` with the same ``seed`` (its step-0
     sample), stochastic actions drawn from the converted policy on ``[obs, task features]``.
+    ``on_batch(tasks, episodes)``, where given, sees each batch's test tasks and episodes
+    (the observations without the task features). A model trained with ``normalize``
+    sees its inputs through its VecNormalize statistics, as in training.
     """
     with MultiTaskSampler.from_config(cfg, device="cpu") as sampler:
         probe = sampler.sample_tasks(1, seed=0)[0]
         policy = policy_for(cfg, extra_obs=task_features(probe).size)
         params = sb3_to_params(model, policy)
+        normalize = _obs_normalizer(model)
         rows = []
         for batch in range(num_batches):
             tasks = sampler.sample_tasks(
@@ -282,12 +354,15 @@ def evaluate_oracle(
 
             def act(obs: Tensor, generator: torch.Generator, feats: Tensor = feats) -> Tensor:
                 f = feats.unsqueeze(1).expand(obs.shape[0], obs.shape[1], feats.shape[-1])
-                return policy.sample(params, torch.cat([obs, f.to(obs.dtype)], dim=-1), generator)
+                inputs = normalize(torch.cat([obs, f.to(obs.dtype)], dim=-1))
+                return policy.sample(params, inputs, generator)
 
             # evaluate_params' step-0 episodes use derive_seed(derive_seed(seed, batch, 1), 0)
             episodes = sampler.sample(
                 tasks, act, cfg.fast_batch_size, seed=derive_seed(derive_seed(seed, batch, 1), 0)
             )
+            if on_batch is not None:
+                on_batch(tasks, episodes)
             rows.append(episodes.returns.mean(dim=1).cpu().numpy()[:, None])
     return np.concatenate(rows, axis=0)
 
