@@ -93,20 +93,20 @@ def main() -> None:
         args.output_folder.mkdir(parents=True, exist_ok=True)
         model = train(cfg, args.timesteps, args.output_folder, args.normalize)
 
-    goals, speeds, lengths = [], [], []
+    keys, goals, speeds, lengths = [], [], [], []  # per batch
 
     def record(tasks, episodes) -> None:
-        key = next(k for k in TASKS if k in tasks[0])
-        goals.append(np.array([float(t[key]) for t in tasks]))
+        keys.append(next(k for k in TASKS if k in tasks[0]))
+        goals.append(np.array([float(t[keys[-1]]) for t in tasks]))
         speeds.append(mean_x_velocity(episodes).numpy())
-        lengths.append(episodes.mask.sum(0).float().mean(1).numpy())
+        lengths.append(episodes.lengths.float().mean(1).numpy())
 
     returns = sb.evaluate_oracle(
         cfg, model, meta_batch_size=META_BATCH, num_batches=BATCHES,
         seed=cfg.seed + TEST_SEED_OFFSET, on_batch=record,
     )[:, 0]  # fmt: skip
     goal, speed, length = map(np.concatenate, (goals, speeds, lengths))
-    key = "velocity" if "AntVel" in cfg.env_name else "direction"
+    key = keys[0]
     goal_name, bins = TASKS[key]
     se = returns.std(ddof=1) / np.sqrt(len(returns))
     print(
