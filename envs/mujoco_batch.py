@@ -39,6 +39,35 @@ _FULLPHYSICS = mujoco.mjtState.mjSTATE_FULLPHYSICS
 _CTRL_SPEC = mujoco.mjtState.mjSTATE_CTRL.value
 
 
+def contact_forces(
+    models: Sequence[mujoco.MjModel],
+    data: mujoco.MjData,
+    qpos: np.ndarray,
+    qvel: np.ndarray,
+    ctrl: np.ndarray,
+) -> np.ndarray:
+    """[N, nbody, 6] external contact wrenches ``cfrc_ext`` at N states (rows of qpos, qvel,
+    ctrl; ``models[i]`` simulates row i).
+
+    ``mj_step`` leaves ``cfrc_ext`` at zero (MuJoCo >= 2.0 runs ``mj_rnePostConstraint``
+    only for force sensors; the MuJoCo 1.x of rllab and mujoco-py 1.5 ran it every step), and
+    ``mujoco.rollout`` returns states, not mjData fields. So both the gymnasium step and the
+    batched path evaluate the forces the same way after a step: ``mj_forward`` at the state
+    with the step's control held, then ``mj_rnePostConstraint``, on ``data`` (a scratch
+    MjData, never the simulating one) whose solver warm start is zeroed first, so that the
+    result is a function of (state, control) alone. MuJoCo has no batched call for this, hence
+    the loop; it costs about one physics substep per env and step.
+    """
+    out = np.empty((len(qpos), models[0].nbody, 6))
+    for i, model in enumerate(models):
+        data.qpos[:], data.qvel[:], data.ctrl[:] = qpos[i], qvel[i], ctrl[i]
+        data.qacc_warmstart[:] = 0.0
+        mujoco.mj_forward(model, data)
+        mujoco.mj_rnePostConstraint(model, data)
+        out[i] = data.cfrc_ext
+    return out
+
+
 def default_num_threads() -> int:
     """Default size of the rollout thread pool.
 
@@ -77,7 +106,9 @@ class RolloutBatchMixin:
       -> (reward [N], terminated [N] bool, info dict of [N] arrays)``.
 
     and may override ``_batch_models(tasks)`` when tasks change the dynamics (the
-    default shares one private copy of the model between all N envs).
+    default shares one private copy of the model between all N envs). An env whose
+    observation or reward reads contact forces sets ``_uses_contact_forces``; both hooks
+    then also receive ``cfrc_ext=`` [N, nbody, 6] from :func:`contact_forces`.
 
     The subclass must be constructible again from its ``EzPickle`` arguments: the
     batch env builds a private reference env from them to produce initial states.
@@ -86,6 +117,7 @@ class RolloutBatchMixin:
     # Set by MujocoEnv; declared here for type checkers.
     model: mujoco.MjModel
     frame_skip: int
+    _uses_contact_forces: bool = False
 
     def make_batch_env(
         self, tasks: list[dict], nthread: int | None = None
@@ -158,6 +190,8 @@ class MujocoRolloutBatchEnv:
         self._sensordata = np.empty((n, fs, model.nsensordata))
         self._nthread = nthread
         self._datas = [mujoco.MjData(model) for _ in range(max(nthread, 1))]
+        # a scratch MjData for contact_forces: the rollout's own keep their warm starts
+        self._contact_data = mujoco.MjData(model) if self._ref._uses_contact_forces else None
         self._rollout: mj_rollout.Rollout | None = mj_rollout.Rollout(nthread=nthread)
         self._is_reset = False
 
@@ -175,7 +209,15 @@ class MujocoRolloutBatchEnv:
             mujoco.mj_getState(ref.model, ref.data, self._state[i], _FULLPHYSICS)
         self._is_reset = True
         qpos, qvel = self._state[:, self._qpos], self._state[:, self._qvel]
-        return ref._batch_observation(qpos, qvel).astype(np.float32)
+        # a reset leaves ctrl at zero (mj_resetData), as in the gymnasium env
+        contact = self._contact_kwargs(qpos, qvel, np.zeros((self.num_envs, self.nu)))
+        return ref._batch_observation(qpos, qvel, **contact).astype(np.float32)
+
+    def _contact_kwargs(self, qpos, qvel, ctrl) -> dict[str, np.ndarray]:
+        """``{"cfrc_ext": ...}`` for envs that read contact forces, else nothing."""
+        if self._contact_data is None:
+            return {}
+        return {"cfrc_ext": contact_forces(self._models, self._contact_data, qpos, qvel, ctrl)}
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Advance all envs by one env step (``frame_skip`` physics substeps)."""
@@ -204,9 +246,10 @@ class MujocoRolloutBatchEnv:
         )
         self._state[:] = self._out[:, -1]
         qpos, qvel = self._state[:, self._qpos], self._state[:, self._qvel]
-        obs = self._ref._batch_observation(qpos, qvel).astype(np.float32)
+        contact = self._contact_kwargs(qpos, qvel, actions)
+        obs = self._ref._batch_observation(qpos, qvel, **contact).astype(np.float32)
         reward, terminated, _ = self._ref._batch_reward(
-            qpos_before, qpos, qvel, actions, self._task_arrays
+            qpos_before, qpos, qvel, actions, self._task_arrays, **contact
         )
         return obs, np.asarray(reward, dtype=np.float64), np.asarray(terminated, dtype=bool)
 

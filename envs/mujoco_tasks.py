@@ -26,15 +26,18 @@ AntGoal                   ``-||xy - g||_1 + 4 - 0.005 |a|^2 + 0.05 * healthy``,
 ========================  ==============================================================
 
 The Ant formulas follow the MAML-RL / ProMP practice (forward or goal term, control
-cost 0.5 * 1e-2 |a|^2, survive reward 0.05, the +1 and +4 offsets), with two documented
-departures forced by the fast path (``mujoco.rollout`` returns states, not the
-contact forces ``cfrc_ext``, which need ``mj_rnePostConstraint`` on a per-env MjData):
+cost 0.5 * 1e-2 |a|^2, survive reward 0.05, the +1 and +4 offsets), with two choices:
 
-1. **No contact cost** (``contact_cost_weight = 0``) and **no contact forces in the
-   observation** (``include_cfrc_ext_in_observation = False``): the Ant observation is
-   ``[qpos[2:], qvel]`` (27 numbers). With MuJoCo >= 2.0 the old mujoco-py envs of the
-   MAML-RL papers read ``cfrc_ext`` without ``mj_rnePostConstraint``, i.e. as zeros, so
-   their contact cost and contact observations were zero too.
+1. **Contact forces are off by default** (``include_cfrc_ext_in_observation = False``,
+   ``contact_cost_weight = 0``): the Ant observation is ``[qpos[2:], qvel]`` (27 numbers).
+   Either keyword turns them on as Ant-v5 defines them: 78 more numbers, ``cfrc_ext`` of
+   every body but the world clipped to [-1, 1], and a cost of ``contact_cost_weight`` x the
+   sum of squares (Ant-v5 and the MAML paper's rllab Ant: 5e-4). They are evaluated after
+   each step at the new state (``mujoco_batch.contact_forces``, on both paths). The MAML
+   paper's rllab Ant (MuJoCo 1.31, which computed ``cfrc_ext`` in every step) had them, and
+   its observation held the torso's x, y as well (``exclude_current_positions_from_observation
+   = False`` adds them here), the torso's rotation matrix and the centre of mass; envs on
+   mujoco-py with MuJoCo >= 2.0 (ProMP, pytorch-maml-rl) read the forces as zeros.
 2. ``v_x`` and ``xy`` come from the torso's free-joint ``qpos`` after the step (the
    true displacement over ``dt``), not from ``xpos`` of the torso, which MuJoCo
    computes before the last substep's integration.
@@ -63,7 +66,7 @@ from gymnasium import utils
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-from binom_rl.envs.mujoco_batch import RolloutBatchMixin
+from binom_rl.envs.mujoco_batch import RolloutBatchMixin, contact_forces
 
 __all__ = [
     "AntDirEnv",
@@ -229,13 +232,17 @@ class _RewardTaskEnv(MetaTaskMixin):
         action = np.asarray(action, dtype=np.float64)
         qpos_before = self.data.qpos.copy()
         self.do_simulation(action, self.frame_skip)  # type: ignore[attr-defined]
-        observation = self._get_obs()
+        contact = self._contact_kwargs()
+        observation = self._batch_observation(
+            self.data.qpos[None], self.data.qvel[None], **contact
+        )[0]
         reward, terminated, info = self._batch_reward(
             qpos_before[None],
             self.data.qpos[None],
             self.data.qvel[None],
             action[None],
             self._task_arrays,
+            **contact,
         )
         info = {key: float(value[0]) for key, value in info.items()}
         if self.render_mode == "human":
@@ -243,7 +250,22 @@ class _RewardTaskEnv(MetaTaskMixin):
         return observation, float(reward[0]), bool(terminated[0]), False, info
 
     def _get_obs(self) -> np.ndarray:
-        return self._batch_observation(self.data.qpos[None], self.data.qvel[None])[0]
+        qpos, qvel = self.data.qpos[None], self.data.qvel[None]
+        return self._batch_observation(qpos, qvel, **self._contact_kwargs())[0]
+
+    def _contact_kwargs(self) -> dict[str, np.ndarray]:
+        """``{"cfrc_ext": [1, nbody, 6]}`` at the current state and control for envs that
+        read contact forces (the batched path's :func:`contact_forces`), else nothing."""
+        if not self._uses_contact_forces:
+            return {}
+        if getattr(self, "_contact_data", None) is None:
+            self._contact_data = mujoco.MjData(self.model)  # type: ignore[attr-defined]
+        data = self.data
+        return {
+            "cfrc_ext": contact_forces(
+                [self.model], self._contact_data, data.qpos[None], data.qvel[None], data.ctrl[None]
+            )
+        }
 
     def _batch_observation(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """``[qpos[skip:], qvel]`` where ``skip`` drops the root's planar position."""
@@ -343,31 +365,43 @@ class HalfCheetahDirEnv(_DirectionTask, _HalfCheetahTaskEnv):
 class _AntTaskEnv(_RewardTaskEnv, AntEnv):
     """Ant-v5 with a task reward (see the module docstring for the formula).
 
-    Defaults: ``ctrl_cost_weight = 0.005``, ``healthy_reward = 0.05``; contact cost and
-    contact-force observations are off and cannot be turned on (the fast path has no
-    contact forces).
+    Defaults: ``ctrl_cost_weight = 0.005``, ``healthy_reward = 0.05``, and, unlike Ant-v5,
+    ``include_cfrc_ext_in_observation = False`` and ``contact_cost_weight = 0``; either
+    turns the contact forces on (:func:`~binom_rl.envs.mujoco_batch.contact_forces`, on
+    both the gymnasium and the batched path).
     """
 
     _skipped_qpos = 2  # x, y of the torso
     TASK_OFFSET = 0.0
 
     def __init__(self, task: dict[str, Any] | None = None, **kwargs: Any):
-        if kwargs.get("include_cfrc_ext_in_observation", False):
-            raise ValueError(
-                "include_cfrc_ext_in_observation=True is not supported: the batched "
-                "rollout path has no contact forces"
-            )
-        if kwargs.get("contact_cost_weight", 0.0) != 0.0:
-            raise ValueError(
-                "contact_cost_weight must be 0: the batched rollout path has no contact forces"
-            )
         ezpickle_kwargs = dict(kwargs)
-        kwargs.update(include_cfrc_ext_in_observation=False, contact_cost_weight=0.0)
+        kwargs.setdefault("include_cfrc_ext_in_observation", False)
+        kwargs.setdefault("contact_cost_weight", 0.0)
         kwargs.setdefault("ctrl_cost_weight", 0.005)
         kwargs.setdefault("healthy_reward", 0.05)
+        if kwargs["contact_cost_weight"] < 0:
+            weight = kwargs["contact_cost_weight"]
+            raise ValueError(f"contact_cost_weight must be >= 0, got {weight}")
+        self._uses_contact_forces = bool(
+            kwargs["include_cfrc_ext_in_observation"] or kwargs["contact_cost_weight"]
+        )
         AntEnv.__init__(self, **kwargs)
         utils.EzPickle.__init__(self, task, **ezpickle_kwargs)
         self.reset_task(self.DEFAULT_TASK if task is None else task)  # type: ignore[attr-defined]
+
+    def _clipped_contact_forces(self, cfrc_ext: np.ndarray) -> np.ndarray:
+        """Ant-v5's contact forces: cfrc_ext clipped to ``contact_force_range``."""
+        return np.clip(cfrc_ext, *self._contact_force_range)
+
+    def _batch_observation(self, qpos, qvel, cfrc_ext=None):
+        """``[qpos[2:], qvel]``, then the clipped contact forces of every body but the world
+        (Ant-v5's ``cfrc_ext[1:]``) where ``include_cfrc_ext_in_observation``."""
+        observation = super()._batch_observation(qpos, qvel)
+        if not self._include_cfrc_ext_in_observation:
+            return observation
+        forces = self._clipped_contact_forces(cfrc_ext[:, 1:]).reshape(len(qpos), -1)
+        return np.concatenate([observation, forces], axis=1)
 
     def _batch_healthy(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Ant-v5: all of qpos, qvel finite and torso height z in the closed healthy range."""
@@ -375,14 +409,20 @@ class _AntTaskEnv(_RewardTaskEnv, AntEnv):
         finite = np.isfinite(qpos).all(axis=1) & np.isfinite(qvel).all(axis=1)
         return finite & (min_z <= qpos[:, 2]) & (qpos[:, 2] <= max_z)
 
-    def _batch_reward(self, qpos_before, qpos_after, qvel_after, action, task):
+    def _batch_reward(self, qpos_before, qpos_after, qvel_after, action, task, cfrc_ext=None):
         healthy = self._batch_healthy(qpos_after, qvel_after)
         task_reward, info = self._task_reward(qpos_before, qpos_after, task)
         ctrl_cost = self._ctrl_cost_weight * np.sum(np.square(action), axis=1)
         survive = self._healthy_reward * healthy
         reward = task_reward + self.TASK_OFFSET - ctrl_cost + survive
-        terminated = ~healthy & bool(self._terminate_when_unhealthy)
         info.update(reward_ctrl=-ctrl_cost, reward_survive=survive)
+        if self._contact_cost_weight:  # Ant-v5: over every body's clipped cfrc_ext
+            contact_cost = self._contact_cost_weight * np.sum(
+                np.square(self._clipped_contact_forces(cfrc_ext)), axis=(1, 2)
+            )
+            reward = reward - contact_cost
+            info.update(reward_contact=-contact_cost)
+        terminated = ~healthy & bool(self._terminate_when_unhealthy)
         return reward, terminated, info
 
 

@@ -74,6 +74,14 @@ def test_batch_matches_gymnasium_at_another_frame_skip(cls):
     _assert_batch_matches_gymnasium(cls, 0, frame_skip=2)
 
 
+def test_batch_matches_gymnasium_with_contact_forces():
+    """Contact forces in the observation and the contact cost (Ant-v5's, off by default in
+    our Ant envs): the batched path computes them as the gymnasium step does."""
+    _assert_batch_matches_gymnasium(
+        AntDirEnv, 2, frame_skip=2, include_cfrc_ext_in_observation=True, contact_cost_weight=5e-4
+    )
+
+
 def test_different_tasks_give_different_rewards_in_batch():
     env = HalfCheetahVelEnv()
     tasks = [{"velocity": 0.0}, {"velocity": 1.0}, {"velocity": 2.0}]

@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from gymnasium.wrappers import TimeLimit
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+from binom_rl.envs.mujoco_batch import contact_forces
 from binom_rl.envs.mujoco_tasks import (
     AntDirEnv,
     AntGoalEnv,
@@ -125,12 +126,70 @@ def test_rand_params_missing_and_negative_keys():
         env.reset_task(task)
 
 
-def test_ant_rejects_contact_forces():
-    with pytest.raises(ValueError, match="include_cfrc_ext_in_observation"):
-        AntVelEnv(include_cfrc_ext_in_observation=True)
-    with pytest.raises(ValueError, match="contact_cost_weight"):
-        AntDirEnv(contact_cost_weight=5e-4)
+def test_ant_contact_forces_off_by_default_and_bad_weight():
     assert AntGoalEnv().observation_space.shape == (27,)
+    assert AntDirEnv(include_cfrc_ext_in_observation=True).observation_space.shape == (105,)
+    with pytest.raises(ValueError, match="contact_cost_weight"):
+        AntVelEnv(contact_cost_weight=-1.0)
+
+
+def _ant_at_rest(**kwargs) -> AntDirEnv:
+    """An AntDir env after 5 s of zero actions: the ant sits still on the floor."""
+    env = AntDirEnv(**kwargs)
+    env.reset(seed=0)
+    for _ in range(100):
+        env.step(np.zeros(8))
+    assert np.abs(env.data.qvel).max() < 0.01
+    return env
+
+
+def test_ant_contact_forces_balance_gravity_at_rest():
+    """An independent check of ``contact_forces``: on a resting ant the floor's contact
+    wrenches carry its weight, with no net horizontal force and no net torque about its
+    centre of mass (cfrc_ext is [torque, force] about the subtree COM of the torso)."""
+    env = _ant_at_rest()
+    model, data = env.model, env.data
+    forces = contact_forces(
+        [model], mujoco.MjData(model), data.qpos[None], data.qvel[None], data.ctrl[None]
+    )[0]
+    weight = model.body_mass.sum() * -model.opt.gravity[2]
+    assert forces[:, 5].sum() == pytest.approx(weight, rel=1e-6)
+    np.testing.assert_allclose(forces[:, 3:5].sum(0), 0.0, atol=1e-3 * weight)
+    np.testing.assert_allclose(forces[:, :3].sum(0), 0.0, atol=1e-3 * weight)
+    assert np.count_nonzero(np.abs(forces).sum(1)) >= 2  # the feet that touch the floor
+
+
+def test_contact_forces_are_a_function_of_state_and_control():
+    """The scratch MjData's history (its solver warm start) does not change the result."""
+    env = _ant_at_rest()
+    model, data = env.model, env.data
+    state = (data.qpos[None].copy(), data.qvel[None].copy(), np.full((1, 8), 0.4))
+    scratch = mujoco.MjData(model)
+    first = contact_forces([model], scratch, *state)
+    other = (state[0] + 0.05, state[1] + 1.0, -state[2])
+    contact_forces([model], scratch, *other)  # leaves another warm start behind
+    np.testing.assert_array_equal(contact_forces([model], scratch, *state), first)
+    reversed_control = contact_forces([model], scratch, state[0], state[1], -state[2])
+    assert not np.array_equal(first, reversed_control)
+
+
+def test_ant_contact_observation_and_cost():
+    """Ant-v5's layout and cost: obs = [qpos[2:], qvel, clip(cfrc_ext[1:], -1, 1)], reward
+    minus weight x sum(clip(cfrc_ext)^2), the forces at the state after the step."""
+    env = _ant_at_rest(include_cfrc_ext_in_observation=True, contact_cost_weight=5e-4)
+    action = np.full(8, 0.2)
+    obs, reward, _, _, info = env.step(action)
+    data = env.data
+    forces = contact_forces(
+        [env.model], mujoco.MjData(env.model), data.qpos[None], data.qvel[None], action[None]
+    )[0]
+    clipped = np.clip(forces, -1.0, 1.0)
+    np.testing.assert_allclose(obs[:27], np.concatenate([data.qpos[2:], data.qvel]))
+    np.testing.assert_allclose(obs[27:], clipped[1:].ravel())
+    assert np.abs(obs[27:]).max() > 0.5  # the feet on the floor
+    assert info["reward_contact"] == pytest.approx(-5e-4 * np.sum(clipped**2))
+    expected = info["x_velocity"] - 0.005 * np.sum(action**2) + 0.05 - 5e-4 * np.sum(clipped**2)
+    assert reward == pytest.approx(expected)
 
 
 def _reward_after(env, task, seed: int, action: np.ndarray) -> tuple[float, dict]:
