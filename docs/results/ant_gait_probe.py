@@ -38,7 +38,7 @@ from binom_rl.config import Config, ConfigError, load_yaml
 from binom_rl.envs.batch import make_batch_env
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ant_speeds import QVEL_X  # noqa: E402
+from ant_speeds import qvel_x_index  # noqa: E402
 
 ACT = 8  # Ant's actuators
 NUM_PARAMS = 3 * ACT + 1  # bias, amplitude, phase per actuator; one frequency
@@ -115,7 +115,7 @@ def replay(cfg: Config, task: dict, gait: np.ndarray, seeds: list[int]):
     """Return, length and mean qvel[0] of each episode of ``gait`` on the gymnasium env."""
     dt, horizon = env_timing(cfg)
     env = gym.make(cfg.env_name, max_episode_steps=horizon, **cfg.env_kwargs)
-    out = []
+    vx_index, out = qvel_x_index(cfg), []
     for seed in seeds:
         env.unwrapped.reset_task(task)
         obs, _ = env.reset(seed=seed)
@@ -123,7 +123,7 @@ def replay(cfg: Config, task: dict, gait: np.ndarray, seeds: list[int]):
         for step in range(horizon):
             obs, reward, terminated, truncated, _ = env.step(gait_actions(gait[None], step, dt)[0])
             total, length = total + reward, length + 1
-            vx.append(obs[QVEL_X])
+            vx.append(obs[vx_index])
             if terminated or truncated:
                 break
         out.append((total, length, float(np.mean(vx))))

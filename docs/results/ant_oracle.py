@@ -32,7 +32,7 @@ from binom_rl.agents.training import read_scalars
 from binom_rl.config import Config, ConfigError, load_yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ant_speeds import BATCHES, META_BATCH, TASKS, mean_x_velocity  # noqa: E402
+from ant_speeds import BATCHES, META_BATCH, TASKS, mean_x_velocity, qvel_x_index  # noqa: E402
 
 CHECKPOINT_EVERY = 500_000
 
@@ -94,11 +94,12 @@ def main() -> None:
         model = train(cfg, args.timesteps, args.output_folder, args.normalize)
 
     keys, goals, speeds, lengths = [], [], [], []  # per batch
+    vx = qvel_x_index(cfg)
 
     def record(tasks, episodes) -> None:
         keys.append(next(k for k in TASKS if k in tasks[0]))
         goals.append(np.array([float(t[keys[-1]]) for t in tasks]))
-        speeds.append(mean_x_velocity(episodes).numpy())
+        speeds.append(mean_x_velocity(episodes, vx).numpy())
         lengths.append(episodes.lengths.float().mean(1).numpy())
 
     returns = sb.evaluate_oracle(

@@ -5,7 +5,8 @@ one inner step (docs/results/locomotion.md, "Per-task speeds"):
 The test tasks, episode seeds and inner step are evaluate.py's (``--meta-batch-size 40
 --num-batches 3``; evaluate_adaptation's ``on_batch`` hook hands over each batch's
 episodes), so the returns are its table's. A task's speed is the mean torso
-x-velocity (qvel[0], observation entry 13) over the running steps of its episodes; the
+x-velocity (qvel[0], observation entry 13, or 15 where the observation holds the torso's
+x, y) over the running steps of its episodes; the
 reward's velocity is the displacement per step, which this tracks but does not equal.
 Prints a table by goal (AntVel: goal-speed bins; AntDir: the two directions) and writes PNG
 (default docs/results/locomotion_<antvel|antdir>_speeds.png).
@@ -17,6 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import gymnasium as gym  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +27,6 @@ from binom_rl.agents.evaluation import evaluate_adaptation, load_run  # noqa: E4
 from binom_rl.agents.inner_loop import AdaptationResult  # noqa: E402
 from binom_rl.sampler import Episodes  # noqa: E402
 
-QVEL_X = 13  # Ant-v5 observation: qpos[2:] (13 entries), then qvel; qvel[0] is the torso's x
 META_BATCH, BATCHES = 40, 3
 # per task key: the goal's name, and bins (label, lo, hi) with lo <= goal < hi
 TASKS = {
@@ -34,21 +35,32 @@ TASKS = {
 }
 
 
-def mean_x_velocity(episodes: Episodes) -> torch.Tensor:
-    """[tasks]: qvel[0] averaged over the running steps of each task's episodes."""
-    vx, mask = episodes.observations[..., QVEL_X], episodes.mask  # [H, T, B, obs], [H, T, B]
+def qvel_x_index(cfg) -> int:
+    """Where qvel[0], the torso's x-velocity, sits in the config's Ant observation
+    ``[qpos[skip:], qvel, ...]``: 13 by default, 15 with the torso's x, y included."""
+    env = gym.make(cfg.env_name, **cfg.env_kwargs)
+    index = env.unwrapped.observation_structure["qpos"]
+    env.close()
+    return index
+
+
+def mean_x_velocity(episodes: Episodes, index: int) -> torch.Tensor:
+    """[tasks]: qvel[0] (observation entry ``index``) averaged over the running steps of each
+    task's episodes."""
+    vx, mask = episodes.observations[..., index], episodes.mask  # [H, T, B, obs], [H, T, B]
     return (vx * mask).sum(dim=(0, 2)) / mask.sum(dim=(0, 2))
 
 
 def main() -> None:
     run = sys.argv[1] if len(sys.argv) > 1 else "docs/results/runs/ant-vel"
     cfg, params = load_run(run)
+    vx = qvel_x_index(cfg)
     keys, goal, speed = [], [], []  # per batch; speed [tasks, 2] (0 and 1 step)
 
     def record(tasks: list[dict], result: AdaptationResult) -> None:
         keys.append(next(k for k in TASKS if k in tasks[0]))
         goal.append([float(t[keys[-1]]) for t in tasks])
-        speed.append(torch.stack([mean_x_velocity(e) for e in result.episodes], 1).numpy())
+        speed.append(torch.stack([mean_x_velocity(e, vx) for e in result.episodes], 1).numpy())
 
     evaluation = evaluate_adaptation(
         cfg, params, num_steps=1, meta_batch_size=META_BATCH, num_batches=BATCHES,
