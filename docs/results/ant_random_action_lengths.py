@@ -5,7 +5,9 @@ the initial policy's means (docs/results/locomotion.md, "Why the Ant runs did no
 0.2 <= z <= 1.0. First table: actions ``clip(std * N(0, I), -1, 1)`` (zero mean) from one
 generator (seed 0). Second table: the Ant configs' initial policy ((100, 100) ReLU, std 1.0,
 ``init_params(seed)`` for seeds 0-29, one per episode), actions
-``clip(mu(s) + N(0, I), -1, 1)``, at init-output-scale 1.0 (Xavier, MAML-RL) and 0.01."""
+``clip(mu(s) + N(0, I), -1, 1)``, at init-output-scale 1.0 (Xavier, MAML-RL) and 0.01. Third
+table: the same at 0.02 s with the paper's observation (the torso's x, y and the contact
+forces added, ``PAPER_OBS``) beside Ant-v5's."""
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +17,11 @@ import binom_rl.envs  # noqa: F401  (registers binom_rl/AntDir-v0)
 from binom_rl.agents.policies import make_policy
 
 EPISODES, HORIZON = 30, 200
+PAPER_OBS = {
+    "include_cfrc_ext_in_observation": True,
+    "contact_cost_weight": 5.0e-4,
+    "exclude_current_positions_from_observation": False,
+}
 
 
 def episode_end(env: gym.Env, seed: int, act) -> tuple[int, int, int]:
@@ -59,23 +66,42 @@ for frame_skip in (5, 2):
         print(f"| {frame_skip} | {env.unwrapped.dt:.2f} | {std} | {row(results)}")
         env.close()
 
+
+def initial_policy_row(env_kwargs: dict, scale: float) -> str:
+    """mean |mu(s)| and the episode-length columns of the configs' initial policy."""
+    env = gym.make("binom_rl/AntDir-v0", max_episode_steps=HORIZON, **env_kwargs)
+    policy = make_policy(env.observation_space, env.action_space, [100, 100], "relu",
+                         init_std=1.0, init_output_scale=scale)  # fmt: skip
+    rng = np.random.default_rng(0)
+    abs_means: list[float] = []
+    results = [
+        episode_end(env, seed, initial_policy(policy, policy.init_params(seed), rng, abs_means))
+        for seed in range(EPISODES)
+    ]
+    env.close()
+    return f"{np.mean(abs_means):.3f} | {row(results)}"
+
+
 print()
-print("| frame_skip | dt (s) | init-output-scale | mean abs(mu(s)) | mean length "
-      "| full 200 steps | ended z > 1 | z < 0.2 |")
+print(
+    "| frame_skip | dt (s) | init-output-scale | mean abs(mu(s)) | mean length "
+    "| full 200 steps | ended z > 1 | z < 0.2 |"
+)
 print("|---|---|---|---|---|---|---|---|")
 for frame_skip in (5, 2):
     for scale in (1.0, 0.01):
-        env = gym.make("binom_rl/AntDir-v0", max_episode_steps=HORIZON, frame_skip=frame_skip)
-        policy = make_policy(env.observation_space, env.action_space, [100, 100], "relu",
-                             init_std=1.0, init_output_scale=scale)  # fmt: skip
-        rng = np.random.default_rng(0)
-        abs_means: list[float] = []
-        results = [
-            episode_end(env, seed, initial_policy(policy, policy.init_params(seed), rng, abs_means))
-            for seed in range(EPISODES)
-        ]
-        print(
-            f"| {frame_skip} | {env.unwrapped.dt:.2f} | {scale} | {np.mean(abs_means):.3f} "
-            f"| {row(results)}"
-        )
-        env.close()
+        dt = gym.make("binom_rl/AntDir-v0", frame_skip=frame_skip).unwrapped.dt
+        print(f"| {frame_skip} | {dt:.2f} | {scale} | "
+              f"{initial_policy_row({'frame_skip': frame_skip}, scale)}")  # fmt: skip
+
+print()
+print(
+    "| observation (0.02 s) | size | init-output-scale | mean abs(mu(s)) | mean length "
+    "| full 200 steps | ended z > 1 | z < 0.2 |"
+)
+print("|---|---|---|---|---|---|---|---|")
+for name, kwargs in (("Ant-v5's", {}), ("the paper's", PAPER_OBS)):
+    size = gym.make("binom_rl/AntDir-v0", **kwargs).observation_space.shape[0]
+    for scale in (1.0, 0.01):
+        print(f"| {name} | {size} | {scale} | "
+              f"{initial_policy_row({'frame_skip': 2, **kwargs}, scale)}")  # fmt: skip
