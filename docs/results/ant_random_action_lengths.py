@@ -7,7 +7,8 @@ generator (seed 0). Second table: the Ant configs' initial policy ((100, 100) Re
 ``init_params(seed)`` for seeds 0-29, one per episode), actions
 ``clip(mu(s) + N(0, I), -1, 1)``, at init-output-scale 1.0 (Xavier, MAML-RL) and 0.01. Third
 table: the same at 0.02 s with the paper's observation (the torso's x, y and the contact
-forces added, ``PAPER_OBS``) beside Ant-v5's."""
+forces added, ``PAPER_OBS``) beside Ant-v5's, over the 30 seeds' policies and for the one
+policy of seed 0 (the training runs' initial policy at ``seed: 0``) on every episode."""
 
 import gymnasium as gym
 import numpy as np
@@ -67,15 +68,21 @@ for frame_skip in (5, 2):
         env.close()
 
 
-def initial_policy_row(env_kwargs: dict, scale: float) -> str:
-    """mean |mu(s)| and the episode-length columns of the configs' initial policy."""
+def initial_policy_row(env_kwargs: dict, scale: float, policy_seed: int | None = None) -> str:
+    """mean |mu(s)| and the episode-length columns of the configs' initial policy: the
+    policy of ``init_params(seed)`` for reset seed ``seed``, or one policy for every episode
+    where ``policy_seed`` is given."""
     env = gym.make("binom_rl/AntDir-v0", max_episode_steps=HORIZON, **env_kwargs)
     policy = make_policy(env.observation_space, env.action_space, [100, 100], "relu",
                          init_std=1.0, init_output_scale=scale)  # fmt: skip
     rng = np.random.default_rng(0)
     abs_means: list[float] = []
+
+    def params(seed: int) -> dict:
+        return policy.init_params(seed if policy_seed is None else policy_seed)
+
     results = [
-        episode_end(env, seed, initial_policy(policy, policy.init_params(seed), rng, abs_means))
+        episode_end(env, seed, initial_policy(policy, params(seed), rng, abs_means))
         for seed in range(EPISODES)
     ]
     env.close()
@@ -96,12 +103,14 @@ for frame_skip in (5, 2):
 
 print()
 print(
-    "| observation (0.02 s) | size | init-output-scale | mean abs(mu(s)) | mean length "
+    "| observation (0.02 s) | size | init-output-scale | policies | mean abs(mu(s)) | mean length "
     "| full 200 steps | ended z > 1 | z < 0.2 |"
 )
-print("|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|")
 for name, kwargs in (("Ant-v5's", {}), ("the paper's", PAPER_OBS)):
     size = gym.make("binom_rl/AntDir-v0", **kwargs).observation_space.shape[0]
     for scale in (1.0, 0.01):
-        print(f"| {name} | {size} | {scale} | "
-              f"{initial_policy_row({'frame_skip': 2, **kwargs}, scale)}")  # fmt: skip
+        for policy_seed in (None, 0):
+            policies = "seeds 0-29" if policy_seed is None else "seed 0"
+            row_ = initial_policy_row({"frame_skip": 2, **kwargs}, scale, policy_seed)
+            print(f"| {name} | {size} | {scale} | {policies} | {row_}")
