@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-size-decay scales the later ones from it",
     )  # fmt: skip
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--output-folder", default=None, help="where results go (default: --run)")
+    parser.add_argument(
+        "--output-folder", default=None, help="where results go, made if missing (default: --run)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_common_flags(parser)
     return parser
@@ -63,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.fast_lr is not None:
             cfg = dataclasses.replace(cfg, fast_lr=args.fast_lr)
             cfg.validate()
-        if not Path(output).is_dir():  # checked before the work, not when writing after it
-            raise ConfigError(f"--output-folder {output} is not a directory")
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():  # checked before the work, not after it
+            raise ConfigError(f"--output-folder {output} exists and is not a directory")
+        # made before the work, so that a folder that cannot be made fails in seconds
+        folder.mkdir(parents=True, exist_ok=True)
         reuse_freed_memory()
         result = evaluate_adaptation(
             cfg,

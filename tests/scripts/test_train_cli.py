@@ -129,6 +129,23 @@ def test_evaluate_writes_results(finished_run, tmp_path, capsys):
     assert set(rows[0]) == {"step", "mean_return", "stderr"}
 
 
+def test_evaluate_output_folder_made_or_refused(finished_run, tmp_path, capsys):
+    """A missing --output-folder (parents included) is made and gets the results; a path
+    that is a file is one error line, exit 2, before any work, and the file is untouched."""
+    argv = ["--run", str(finished_run), "--num-steps", "1", "--meta-batch-size", "2"]
+    argv += ["--num-batches", "1", "--no-progress", "--output-folder"]
+    out = tmp_path / "new" / "eval"
+    assert evaluate_cli.main([*argv, str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.npz"]
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    assert evaluate_cli.main([*argv, str(blocker)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output-folder {blocker} exists and is not a directory"]
+    assert blocker.read_text() == "kept"
+
+
 def test_evaluate_step_size_decay(finished_run, tmp_path, capsys):
     """Steps beyond the run's K = 2 shrink by --step-size-decay (recorded and printed); a
     decay outside (0, 1] is one error line, exit 2, nothing written."""
