@@ -41,6 +41,10 @@ cost 0.5 * 1e-2 |a|^2, survive reward 0.05, the +1 and +4 offsets), with two cho
 2. ``v_x`` and ``xy`` come from the torso's free-joint ``qpos`` after the step (the
    true displacement over ``dt``), not from ``xpos`` of the torso, which MuJoCo
    computes before the last substep's integration.
+3. **The model is gymnasium's.** The paper's rllab Ant model has softer contacts
+   (``solimp`` 0.8, 0.8, 0.01 on every geom) and starts standing (torso at z = 0.55 on
+   bent legs, the xml's ``init_qpos`` numeric, which gymnasium ignores); the keywords
+   ``contact_solimp`` and ``initial_pose = "standing"`` select them (off by default).
 
 Termination is Ant-v5's: ``healthy = all(isfinite(qpos, qvel)) and 0.2 <= z <= 1.0``,
 ``terminated = not healthy``; the survive reward is paid only while healthy.
@@ -58,6 +62,7 @@ ant above ``z = 1`` within about 55 steps, so episodes end long before the horiz
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import mujoco
@@ -362,6 +367,18 @@ class HalfCheetahDirEnv(_DirectionTask, _HalfCheetahTaskEnv):
         return task["direction"] * x_velocity
 
 
+def _checked_solimp(values: Sequence[float]) -> np.ndarray:
+    """MuJoCo's solimp, (d0, d_width, width[, midpoint, power]), checked for its ranges."""
+    solimp = np.asarray(values, dtype=np.float64)
+    if solimp.shape not in ((3,), (5,)):
+        raise ValueError(f"contact_solimp must have 3 or 5 numbers, got {list(values)}")
+    if not (0 < solimp[0] < 1 and 0 < solimp[1] < 1 and solimp[2] > 0):
+        raise ValueError(
+            f"contact_solimp needs 0 < d0, d_width < 1 and width > 0, got {list(values)}"
+        )
+    return solimp
+
+
 class _AntTaskEnv(_RewardTaskEnv, AntEnv):
     """Ant-v5 with a task reward (see the module docstring for the formula).
 
@@ -369,13 +386,35 @@ class _AntTaskEnv(_RewardTaskEnv, AntEnv):
     ``include_cfrc_ext_in_observation = False`` and ``contact_cost_weight = 0``; either
     turns the contact forces on (:func:`~binom_rl.envs.mujoco_batch.contact_forces`, on
     both the gymnasium and the batched path).
+
+    Two keywords bring the model closer to the MAML paper's rllab Ant (its
+    ``vendor/mujoco_models/ant.xml``), both off by default:
+
+    - ``contact_solimp``: the contacts' ``solimp`` for every geom, 3 or 5 numbers
+      (rllab's Ant: ``[0.8, 0.8, 0.01]``, softer than MuJoCo's default 0.9, 0.95, 0.001);
+    - ``initial_pose = "standing"``: episodes start from the model's ``init_qpos`` numeric
+      (torso at z = 0.55 on legs bent at the ankles, which rllab reads and gymnasium
+      ignores) instead of qpos0 (z = 0.75, every hinge at 0); Ant-v5's reset noise is
+      added to either.
     """
 
     _skipped_qpos = 2  # x, y of the torso
     TASK_OFFSET = 0.0
+    INITIAL_POSES = ("qpos0", "standing")
 
-    def __init__(self, task: dict[str, Any] | None = None, **kwargs: Any):
-        ezpickle_kwargs = dict(kwargs)
+    def __init__(
+        self,
+        task: dict[str, Any] | None = None,
+        *,
+        contact_solimp: Sequence[float] | None = None,
+        initial_pose: str = "qpos0",
+        **kwargs: Any,
+    ):
+        ezpickle_kwargs = dict(kwargs, contact_solimp=contact_solimp, initial_pose=initial_pose)
+        solimp = None if contact_solimp is None else _checked_solimp(contact_solimp)
+        if initial_pose not in self.INITIAL_POSES:
+            poses = self.INITIAL_POSES
+            raise ValueError(f"initial_pose must be one of {poses}, got {initial_pose!r}")
         kwargs.setdefault("include_cfrc_ext_in_observation", False)
         kwargs.setdefault("contact_cost_weight", 0.0)
         kwargs.setdefault("ctrl_cost_weight", 0.005)
@@ -387,6 +426,12 @@ class _AntTaskEnv(_RewardTaskEnv, AntEnv):
             kwargs["include_cfrc_ext_in_observation"] or kwargs["contact_cost_weight"]
         )
         AntEnv.__init__(self, **kwargs)
+        if solimp is not None:
+            # every geom's own solimp: a contact mixes its two geoms' values, so the floor too
+            self.model.geom_solimp[:, : len(solimp)] = solimp
+        if initial_pose == "standing":
+            # reset_model starts from init_qpos; the batched path replays that reset
+            self.init_qpos = self.model.numeric("init_qpos").data.copy()
         utils.EzPickle.__init__(self, task, **ezpickle_kwargs)
         self.reset_task(self.DEFAULT_TASK if task is None else task)  # type: ignore[attr-defined]
 

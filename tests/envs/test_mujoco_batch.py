@@ -82,6 +82,14 @@ def test_batch_matches_gymnasium_with_contact_forces():
     )
 
 
+def test_batch_matches_gymnasium_with_rllab_contacts_and_pose():
+    """``contact_solimp`` and ``initial_pose="standing"`` reach the batched path: its models
+    carry the solimp and its resets start from the standing pose, as the gymnasium env's."""
+    _assert_batch_matches_gymnasium(
+        AntDirEnv, 0, frame_skip=2, contact_solimp=[0.8, 0.8, 0.01], initial_pose="standing"
+    )
+
+
 def test_different_tasks_give_different_rewards_in_batch():
     env = HalfCheetahVelEnv()
     tasks = [{"velocity": 0.0}, {"velocity": 1.0}, {"velocity": 2.0}]

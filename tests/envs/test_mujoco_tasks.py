@@ -133,6 +133,37 @@ def test_ant_contact_forces_off_by_default_and_bad_weight():
         AntVelEnv(contact_cost_weight=-1.0)
 
 
+def test_ant_rllab_contacts_and_standing_pose():
+    """rllab's Ant (its vendor ant.xml): solimp (0.8, 0.8, 0.01) on every geom, MuJoCo's
+    defaults kept for the rest, and episodes from the model's init_qpos numeric; bad values
+    are one ValueError naming the keyword."""
+    default = AntVelEnv()
+    assert default.model.ngeom == 14  # the floor, the torso, 3 per leg
+    np.testing.assert_allclose(default.model.geom_solimp, [[0.9, 0.95, 0.001, 0.5, 2.0]] * 14)
+    env = AntVelEnv(contact_solimp=[0.8, 0.8, 0.01], initial_pose="standing", reset_noise_scale=0)
+    np.testing.assert_allclose(env.model.geom_solimp, [[0.8, 0.8, 0.01, 0.5, 2.0]] * 14)
+    env.reset(seed=0)
+    standing = [0, 0, 0.55, 1, 0, 0, 0, 0, 1, 0, -1, 0, -1, 0, 1]  # the xml's init_qpos
+    np.testing.assert_array_equal(env.data.qpos, standing)
+    default.reset(seed=0)
+    assert abs(default.data.qpos[2] - 0.75) <= 0.1  # qpos0 plus Ant-v5's U(-0.1, 0.1)
+    # the standing ant stays up on its own: zero actions for 2 s keep it healthy, near 0.55
+    env = AntVelEnv(contact_solimp=[0.8, 0.8, 0.01], initial_pose="standing", frame_skip=2)
+    env.reset(seed=0)
+    for _ in range(100):
+        _, _, terminated, _, _ = env.step(np.zeros(8))
+        assert not terminated
+    assert 0.4 < env.data.qpos[2] < 0.7
+    for kwargs, match in [
+        ({"contact_solimp": [0.8, 0.8]}, "contact_solimp must have 3 or 5"),
+        ({"contact_solimp": [1.2, 0.8, 0.01]}, "contact_solimp needs"),
+        ({"contact_solimp": [0.8, 0.8, 0.0]}, "contact_solimp needs"),
+        ({"initial_pose": "crouch"}, "initial_pose must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            AntDirEnv(**kwargs)
+
+
 def _ant_at_rest(**kwargs) -> AntDirEnv:
     """An AntDir env after 5 s of zero actions: the ant sits still on the floor."""
     env = AntDirEnv(**kwargs)
