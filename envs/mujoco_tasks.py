@@ -413,8 +413,9 @@ class _AntTaskEnv(_RewardTaskEnv, AntEnv):
         ezpickle_kwargs = dict(kwargs, contact_solimp=contact_solimp, initial_pose=initial_pose)
         solimp = None if contact_solimp is None else _checked_solimp(contact_solimp)
         if initial_pose not in self.INITIAL_POSES:
-            poses = self.INITIAL_POSES
-            raise ValueError(f"initial_pose must be one of {poses}, got {initial_pose!r}")
+            raise ValueError(
+                f"initial_pose must be one of {self.INITIAL_POSES}, got {initial_pose!r}"
+            )
         kwargs.setdefault("include_cfrc_ext_in_observation", False)
         kwargs.setdefault("contact_cost_weight", 0.0)
         kwargs.setdefault("ctrl_cost_weight", 0.005)

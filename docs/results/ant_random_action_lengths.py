@@ -112,5 +112,5 @@ for name, kwargs in (("Ant-v5's", {}), ("the paper's", PAPER_OBS)):
     for scale in (1.0, 0.01):
         for policy_seed in (None, 0):
             policies = "seeds 0-29" if policy_seed is None else "seed 0"
-            row_ = initial_policy_row({"frame_skip": 2, **kwargs}, scale, policy_seed)
-            print(f"| {name} | {size} | {scale} | {policies} | {row_}")
+            columns = initial_policy_row({"frame_skip": 2, **kwargs}, scale, policy_seed)
+            print(f"| {name} | {size} | {scale} | {policies} | {columns}")
