@@ -318,7 +318,11 @@ def make_policy(
     if isinstance(action_space, gym.spaces.Box):
         act_dim = int(math.prod(action_space.shape))
         return GaussianMLPPolicy(
-            obs_dim, act_dim, hidden_sizes, nonlinearity, init_std,
+            obs_dim,
+            act_dim,
+            hidden_sizes,
+            nonlinearity,
+            init_std,
             init_output_scale=init_output_scale,
         )
     if isinstance(action_space, gym.spaces.Discrete):

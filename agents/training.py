@@ -104,7 +104,12 @@ def prepare_run(
 
 # Keys a resumed run may change; any other change would silently alter the run.
 RESUMABLE_KEYS = (
-    "num-batches", "device", "num-workers", "diagnose-every", "chunk-size", "sampler",
+    "num-batches",
+    "device",
+    "num-workers",
+    "diagnose-every",
+    "chunk-size",
+    "sampler",
     "ray-address",
 )
 
@@ -335,9 +340,7 @@ def _loop(
 EXPORTED_KEYS = frozenset({"params", "iteration", "config"})
 
 
-def export_policy(
-    run: str | os.PathLike, dest: str | os.PathLike, overwrite: bool = False
-) -> Path:
+def export_policy(run: str | os.PathLike, dest: str | os.PathLike, overwrite: bool = False) -> Path:
     """A trained run's policy alone, for sharing: ``dest/config.yaml`` and ``dest/policy.pt``
     with the parameters, iteration and config (no RNG state, metrics or events), which
     ``evaluate.py --run dest`` loads.

@@ -1141,4 +1141,3 @@ def report_markdown(res: dict[str, Any], opts: BenchmarkOptions) -> str:
             "",
         ]
     return "\n".join(lines)
-

@@ -99,11 +99,16 @@ BACKENDS = (  # (label, MultiTaskSampler options; num_workers filled in)
 )
 
 
-def _timed_sample(workload: Workload, policy: TanhGaussianMLP, options: dict,
-                  repeats: int) -> tuple[float, Episodes]:
+def _timed_sample(
+    workload: Workload, policy: TanhGaussianMLP, options: dict, repeats: int
+) -> tuple[float, Episodes]:
     """(median seconds of ``repeats`` sample calls after a first one, the last episodes)."""
-    with MultiTaskSampler(workload.env_id, max_episode_steps=workload.horizon,
-                          env_kwargs=workload.env_kwargs, **options) as sampler:
+    with MultiTaskSampler(
+        workload.env_id,
+        max_episode_steps=workload.horizon,
+        env_kwargs=workload.env_kwargs,
+        **options,
+    ) as sampler:
         tasks = sampler.sample_tasks(workload.num_tasks, seed=0)
         sampler.sample(tasks, policy.act, workload.batch_size, seed=0)
         times = []
@@ -158,9 +163,13 @@ def _round_trip_s(actors: list, arg, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
-                            repeats: int = 200,
-                            actor_counts: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+def measure_ray_round_trips(
+    num_workers: int,
+    act_dim: int,
+    num_envs: int,
+    repeats: int = 200,
+    actor_counts: tuple[int, ...] = (1, 2, 4, 8),
+) -> dict:
     """Seconds per Ray round trip to ``num_workers`` actors at once: an empty call, and a
     call carrying (and returning) one step's actions for num_envs / num_workers envs each;
     and an empty call to each of ``actor_counts`` actors (which reserve no CPU, so that
@@ -170,8 +179,10 @@ def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
     echo = ray.remote(_Echo)
     actors = [echo.options(num_cpus=1).remote() for _ in range(num_workers)]
     payload = np.zeros((max(num_envs // num_workers, 1), act_dim), dtype=np.float32)
-    result: dict = {"empty_call_s": _round_trip_s(actors, None, repeats),
-                    "step_call_s": _round_trip_s(actors, payload, repeats)}
+    result: dict = {
+        "empty_call_s": _round_trip_s(actors, None, repeats),
+        "step_call_s": _round_trip_s(actors, payload, repeats),
+    }
     for actor in actors:
         ray.kill(actor)
     free = [echo.options(num_cpus=0).remote() for _ in range(max(actor_counts))]
@@ -184,8 +195,7 @@ def measure_ray_round_trips(num_workers: int, act_dim: int, num_envs: int,
     return result
 
 
-def measure_policy_forward(obs_dim: int, act_dim: int, num_envs: int,
-                           repeats: int = 200) -> float:
+def measure_policy_forward(obs_dim: int, act_dim: int, num_envs: int, repeats: int = 200) -> float:
     """Seconds per action draw of the benchmark policy for ``num_envs`` observations."""
     policy = TanhGaussianMLP(obs_dim, act_dim)
     obs, generator = torch.zeros(num_envs, obs_dim), torch.Generator().manual_seed(0)
@@ -219,8 +229,7 @@ def run_ray_benchmark(
     probe.close()
     from binom_rl import ray_sampler
 
-    ray.init(address="local", num_cpus=num_workers, include_dashboard=False,
-             logging_level="ERROR")
+    ray.init(address="local", num_cpus=num_workers, include_dashboard=False, logging_level="ERROR")
     # the samplers of the rows share one set of actors: the rows time sampling, and the
     # actors' start is reported on its own
     ray_sampler.reuse_actors = True
@@ -228,9 +237,7 @@ def run_ray_benchmark(
         started = time.perf_counter()
         with MultiTaskSampler(env_id, backend="ray", num_workers=num_workers):
             actors_start_s = time.perf_counter() - started
-        workloads = {
-            w.env_id: (w, measure_backends(w, num_workers, repeats)) for w in (main, slow)
-        }
+        workloads = {w.env_id: (w, measure_backends(w, num_workers, repeats)) for w in (main, slow)}
         ray_sampler.release_idle_actors()  # their CPUs go to the round-trip actors
         result = {
             "cores": available_cores(),
@@ -253,22 +260,28 @@ def overhead_ratios(rows: list[Measurement]) -> dict[str, float]:
     """Ray's default (rows in BACKENDS order) against the fastest local row and against
     the local default (processes stepped by the sampler)."""
     ray_rate = rows[3].rate
-    return {"vs_best_local": ray_rate / max(row.rate for row in rows[:3]),
-            "vs_local_default": ray_rate / rows[1].rate}
+    return {
+        "vs_best_local": ray_rate / max(row.rate for row in rows[:3]),
+        "vs_local_default": ray_rate / rows[1].rate,
+    }
 
 
 def summary_lines(result: dict) -> list[str]:
     lines = []
     for env_id, (_, rows) in result["workloads"].items():
         ratios = overhead_ratios(rows)
-        lines.append(f"ray sampler on {env_id}: {ratios['vs_best_local']:.2f} x the fastest "
-                     f"local configuration, {ratios['vs_local_default']:.2f} x local processes "
-                     "stepped by the sampler")
+        lines.append(
+            f"ray sampler on {env_id}: {ratios['vs_best_local']:.2f} x the fastest "
+            f"local configuration, {ratios['vs_local_default']:.2f} x local processes "
+            "stepped by the sampler"
+        )
     trips = result["round_trips"]
-    lines.append(f"ray round trip to {result['num_workers']} actors: "
-                 f"{trips['empty_call_s'] * 1e3:.2f} ms empty, "
-                 f"{trips['step_call_s'] * 1e3:.2f} ms with a step's actions; policy forward "
-                 f"over the whole batch {result['policy_forward_s'] * 1e3:.2f} ms")
+    lines.append(
+        f"ray round trip to {result['num_workers']} actors: "
+        f"{trips['empty_call_s'] * 1e3:.2f} ms empty, "
+        f"{trips['step_call_s'] * 1e3:.2f} ms with a step's actions; policy forward "
+        f"over the whole batch {result['policy_forward_s'] * 1e3:.2f} ms"
+    )
     by_actors = ", ".join(f"{n}: {s * 1e3:.2f}" for n, s in trips["empty_call_s_by_actors"].items())
     lines.append(f"ray empty round trip by number of actors, ms: {by_actors}")
     return lines
@@ -286,8 +299,12 @@ def markdown(result: dict) -> str:
         "",
     ]
     for env_id, (workload, rows) in result["workloads"].items():
-        lines += [f"### {env_id}, {workload.note}", "", "| backend | env-steps/s | x first row |",
-                  "|---|---:|---:|"]
+        lines += [
+            f"### {env_id}, {workload.note}",
+            "",
+            "| backend | env-steps/s | x first row |",
+            "|---|---:|---:|",
+        ]
         for row in rows:
             lines.append(f"| {row.name} | {row.rate:,.0f} | {row.rate / rows[0].rate:.2f} |")
         lines.append("")

@@ -291,9 +291,7 @@ def write_markdown(result: dict, path: str | Path) -> None:
     for row in result["rows"]:
         single = row.rate / result["single_env"].rate
         physics = "" if result["physics"] is None else f"{row.rate / result['physics'].rate:.2f}"
-        lines.append(
-            f"| {row.name} | {row.rate:,.0f} | {single:.2f} | {physics} | {row.note} |"
-        )
+        lines.append(f"| {row.name} | {row.rate:,.0f} | {single:.2f} | {physics} | {row.note} |")
     lines += [
         "",
         f"Summary (sampler = {result['sampler'].name}):",

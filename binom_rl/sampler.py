@@ -62,10 +62,12 @@ class Episodes:
     successes: torch.Tensor | None = None  # [T, B] bool
 
     def to(self, device: str | torch.device) -> Episodes:
-        return Episodes(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-            for f in fields(self)
-        })
+        return Episodes(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            }
+        )
 
 
 def episode_seeds(seed: int, num_tasks: int, batch_size: int) -> list[int]:
@@ -344,7 +346,7 @@ class _ProcessWorker(_Worker):
             f"sampler worker {self.index} died (exit code {code}); if the env "
             "is defined in a module workers cannot import, use num_workers=1 or a "
             "'module:EnvId' id; a script that opens the sampler at its top level needs "
-            "an `if __name__ == \"__main__\":` guard (workers start by importing the "
+            'an `if __name__ == "__main__":` guard (workers start by importing the '
             "main module)"
         )
 
@@ -466,8 +468,10 @@ class MultiTaskSampler:
         self.env_spec = gym.spec(self._env.spec.id)  # registry spec: workers rebuild from it
         self.observation_space = self._env.observation_space
         self.action_space = self._env.action_space
-        if not (isinstance(self.observation_space, spaces.Box)
-                and len(self.observation_space.shape) == 1):
+        if not (
+            isinstance(self.observation_space, spaces.Box)
+            and len(self.observation_space.shape) == 1
+        ):
             raise ValueError(f"observation space must be a 1-D Box, got {self.observation_space}")
         if isinstance(self.action_space, spaces.Discrete):
             self._act_shape: tuple[int, ...] = ()
@@ -523,9 +527,7 @@ class MultiTaskSampler:
             raise
 
     @classmethod
-    def from_config(
-        cls, cfg: Config, device: str | torch.device | None = None
-    ) -> MultiTaskSampler:
+    def from_config(cls, cfg: Config, device: str | torch.device | None = None) -> MultiTaskSampler:
         """The sampler a run's config describes (env, kwargs, horizon, workers, action
         rescaling and clipping, backend), on ``device`` (default ``cfg.device``)."""
         return cls(
@@ -580,8 +582,11 @@ class MultiTaskSampler:
         env_tasks = [task for task in tasks for _ in range(B)]  # env i = t*B + b
         seeds = episode_seeds(seed, T, B)
         bounds = np.linspace(0, N, self.num_workers + 1).round().astype(int)
-        slices = [(w, int(lo), int(hi)) for w, lo, hi in zip(self._workers, bounds[:-1],
-                                                             bounds[1:], strict=True) if hi > lo]
+        slices = [
+            (w, int(lo), int(hi))
+            for w, lo, hi in zip(self._workers, bounds[:-1], bounds[1:], strict=True)
+            if hi > lo
+        ]
         try:
             if self.act_in_workers:
                 steps = self._sample_in_workers(slices, env_tasks, seeds, act_fn, T, B, seed)
@@ -594,8 +599,12 @@ class MultiTaskSampler:
             raise
         return self._assemble(*steps, T, B)
 
-    def _send(self, slices: Sequence[tuple[_Worker, int, int]], cmd: str,
-              args: Callable[[int, int], tuple]) -> None:
+    def _send(
+        self,
+        slices: Sequence[tuple[_Worker, int, int]],
+        cmd: str,
+        args: Callable[[int, int], tuple],
+    ) -> None:
         """Send ``cmd`` with ``args(lo, hi)`` to every worker of ``slices``."""
         self._in_flight = True
         for w, lo, hi in slices:
@@ -607,8 +616,9 @@ class MultiTaskSampler:
         self._in_flight = False
         return results
 
-    def _sample_stepwise(self, slices, env_tasks, seeds, act_fn: ActFn, T: int, B: int,
-                         seed: int) -> _Steps:
+    def _sample_stepwise(
+        self, slices, env_tasks, seeds, act_fn: ActFn, T: int, B: int, seed: int
+    ) -> _Steps:
         """The sampler runs act_fn for all envs and sends each worker its actions, one
         round trip per step."""
         N, obs_dim = T * B, self.observation_space.shape[0]
@@ -635,15 +645,26 @@ class MultiTaskSampler:
         )
         return torch.stack(obs_steps), torch.stack(act_steps), rewards, mask, succeeded
 
-    def _sample_in_workers(self, slices, env_tasks, seeds, act_fn: ActFn, T: int, B: int,
-                           seed: int) -> _Steps:
+    def _sample_in_workers(
+        self, slices, env_tasks, seeds, act_fn: ActFn, T: int, B: int, seed: int
+    ) -> _Steps:
         """Every worker runs its envs' episodes with act_fn itself: one round trip per call."""
         shared = self._ray.put(act_fn) if self._ray is not None else act_fn  # sent once
         obs_dim = self.observation_space.shape[0]
 
         def args(lo: int, hi: int) -> tuple:
-            plan = RolloutPlan(lo, hi, T, B, self.horizon, obs_dim, tuple(self._act_shape),
-                               self._action_scale, int(seed), self._action_bounds)
+            plan = RolloutPlan(
+                lo,
+                hi,
+                T,
+                B,
+                self.horizon,
+                obs_dim,
+                tuple(self._act_shape),
+                self._action_scale,
+                int(seed),
+                self._action_bounds,
+            )
             return env_tasks[lo:hi], seeds[lo:hi], shared, plan
 
         self._send(slices, "rollout", args)
@@ -666,8 +687,16 @@ class MultiTaskSampler:
             succeeded,
         )
 
-    def _assemble(self, observations: torch.Tensor, actions: torch.Tensor, rewards: np.ndarray,
-                  mask: np.ndarray, succeeded: np.ndarray | None, T: int, B: int) -> Episodes:
+    def _assemble(
+        self,
+        observations: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: np.ndarray,
+        mask: np.ndarray,
+        succeeded: np.ndarray | None,
+        T: int,
+        B: int,
+    ) -> Episodes:
         """Episodes from the steps' observations and actions [h, N, ...] (h <= horizon),
         rewards, mask [horizon, N] and success [N] (or None)."""
         H = self.horizon
@@ -687,7 +716,8 @@ class MultiTaskSampler:
             mask=torch.from_numpy(mask).to(self.device).view(H, T, B),
             returns=torch.from_numpy(rewards.sum(0)).to(self.device).view(T, B),
             lengths=torch.from_numpy(mask.sum(0).astype(np.int64)).to(self.device).view(T, B),
-            successes=None if succeeded is None
+            successes=None
+            if succeeded is None
             else torch.from_numpy(succeeded).to(self.device).view(T, B),
         )
 

@@ -92,8 +92,9 @@ class GymBatchEnv:
 
 def check_task_protocol(env: gym.Env) -> None:
     """Raise ValueError unless env.unwrapped implements sample_tasks and reset_task."""
-    missing = [m for m in ("sample_tasks", "reset_task") if not callable(
-        getattr(env.unwrapped, m, None))]
+    missing = [
+        m for m in ("sample_tasks", "reset_task") if not callable(getattr(env.unwrapped, m, None))
+    ]
     if missing:
         raise ValueError(
             f"{type(env.unwrapped).__name__} does not implement the task protocol: "

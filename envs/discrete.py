@@ -134,8 +134,9 @@ class TabularMDPEnv(gym.Env):
 
     def __init__(self, num_states: int = 10, num_actions: int = 5, task: dict | None = None):
         if num_states < 1 or num_actions < 1:
-            raise ValueError(f"num_states and num_actions must be >= 1, got {num_states}, "
-                             f"{num_actions}")
+            raise ValueError(
+                f"num_states and num_actions must be >= 1, got {num_states}, {num_actions}"
+            )
         self.num_states, self.num_actions = num_states, num_actions
         self.observation_space = spaces.Box(0.0, 1.0, shape=(num_states,), dtype=np.float32)
         self.action_space = spaces.Discrete(num_actions)

@@ -51,8 +51,9 @@ def main() -> None:
     parser.add_argument("--vec-steps", type=int, default=200, help="steps of the vector envs")
     parser.add_argument("--physics-seconds", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--ray", action="store_true",
-                        help="also local vs Ray backends, and a slow pure-Python env")
+    parser.add_argument(
+        "--ray", action="store_true", help="also local vs Ray backends, and a slow pure-Python env"
+    )
     parser.add_argument("--output", default="docs/benchmark_sampler.md")
     args = parser.parse_args()
     if args.quick:
@@ -87,7 +88,12 @@ def main() -> None:
 
         slow = ray_bench.Workload(ray_bench.SLOW_ENV_ID, 2, 2, 20) if args.quick else None
         ray_result = ray_bench.run_ray_benchmark(
-            args.env_id, args.num_tasks, args.batch_size, args.horizon, args.num_workers, slow,
+            args.env_id,
+            args.num_tasks,
+            args.batch_size,
+            args.horizon,
+            args.num_workers,
+            slow,
             repeats=3 if args.quick else 2,
         )
         for _, (_, rows) in ray_result["workloads"].items():

@@ -18,8 +18,10 @@ from binom_rl.agents.evaluation import TEST_SEED_OFFSET, load_run
 from binom_rl.agents.policies import batched_sample, make_policy
 from binom_rl.agents.training import open_sampler
 
-print("| run | iteration | clip-actions | return | sampled |a| > 1 | mean |mu| > 1 "
-      "| control cost / episode | of it on the applied action |")
+print(
+    "| run | iteration | clip-actions | return | sampled |a| > 1 | mean |mu| > 1 "
+    "| control cost / episode | of it on the applied action |"
+)
 print("|---|---|---|---|---|---|---|---|")
 for run in sys.argv[1:]:
     cfg, params = load_run(run)
@@ -28,8 +30,9 @@ for run in sys.argv[1:]:
     weight = env.unwrapped._ctrl_cost_weight  # the Gymnasium MuJoCo envs' control cost weight
     env.close()
     with open_sampler(cfg) as sampler:
-        policy = make_policy(sampler.observation_space, sampler.action_space,
-                             cfg.hidden_sizes, cfg.nonlinearity)
+        policy = make_policy(
+            sampler.observation_space, sampler.action_space, cfg.hidden_sizes, cfg.nonlinearity
+        )
         tasks = sampler.sample_tasks(40, seed=cfg.seed + TEST_SEED_OFFSET, split="test")
         stacked = {k: v.expand(len(tasks), *v.shape) for k, v in params.items()}
         episodes = sampler.sample(
@@ -41,6 +44,8 @@ for run in sys.argv[1:]:
         mean, _ = policy.mean_and_std(stacked, obs)
     cost = weight * (a**2).sum(-1).sum(0).mean()
     applied = weight * (a.clamp(-1, 1) ** 2).sum(-1).sum(0).mean()
-    print(f"| {run} | {iteration} | {cfg.clip_actions} | {episodes.returns.mean():.1f} "
-          f"| {(a.abs() > 1).float().mean():.2f} | {(mean.abs() > 1).float().mean():.2f} "
-          f"| {cost:.1f} | {applied:.1f} |")
+    print(
+        f"| {run} | {iteration} | {cfg.clip_actions} | {episodes.returns.mean():.1f} "
+        f"| {(a.abs() > 1).float().mean():.2f} | {(mean.abs() > 1).float().mean():.2f} "
+        f"| {cost:.1f} | {applied:.1f} |"
+    )

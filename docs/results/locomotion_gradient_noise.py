@@ -44,8 +44,10 @@ policies = [(run, *load_run(run)) for run in args.runs]
 if args.init:
     policies.insert(0, (f"{args.runs[0]} (initial policy)", policies[0][1], None))
 
-print("| policy | iteration | pairs | cos(g1, g2) | cg-damping d "
-      "| cos((F + dI)^-1 g1, (F + dI)^-1 g2) | mean |g| | return before / after the inner steps |")
+print(
+    "| policy | iteration | pairs | cos(g1, g2) | cg-damping d "
+    "| cos((F + dI)^-1 g1, (F + dI)^-1 g2) | mean |g| | return before / after the inner steps |"
+)
 print("|---|---|---|---|---|---|---|---|")
 for name, cfg, params in policies:
     ds = dampings or [cfg.cg_damping]
@@ -84,5 +86,8 @@ for name, cfg, params in policies:
     norm = np.mean([float(g.norm()) for g in grads])
     for j, d in enumerate(ds):
         cos_d = np.mean([cosine(dirs[i][j], dirs[i + 1][j]) for i in pairs])
-        print(f"| {name} | {iteration} | {args.pairs} | {cos_g:.3f} | {d:g} | {cos_d:.3f} "
-              f"| {norm:.3f} | {np.mean(before):.1f} / {np.mean(after):.1f} |", flush=True)
+        print(
+            f"| {name} | {iteration} | {args.pairs} | {cos_g:.3f} | {d:g} | {cos_d:.3f} "
+            f"| {norm:.3f} | {np.mean(before):.1f} / {np.mean(after):.1f} |",
+            flush=True,
+        )

@@ -226,8 +226,11 @@ def test_training_passes_rescale_and_clip_actions_to_the_sampler(tmp_path, monke
 
     monkeypatch.setattr(maml_trpo.MetaLearner, "__init__", spy)
     train(_cfg(num_batches=1), tmp_path / "on", progress=False)
-    train(_cfg(num_batches=1, rescale_actions=False, clip_actions=False), tmp_path / "off",
-          progress=False)
+    train(
+        _cfg(num_batches=1, rescale_actions=False, clip_actions=False),
+        tmp_path / "off",
+        progress=False,
+    )
     (scale, offset), (low, high) = seen[0]  # 2D navigation: [-1, 1] -> [-0.1, 0.1]
     torch.testing.assert_close(torch.as_tensor(scale), torch.full((2,), 0.1))
     torch.testing.assert_close(torch.as_tensor(offset), torch.zeros(2))

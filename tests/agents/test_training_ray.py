@@ -63,8 +63,7 @@ def _cfg(**overrides) -> Config:
 
 def _learning_scalars(folder: Path) -> dict[str, dict[int, float]]:
     """Every logged scalar but the timings and memory, which differ run to run."""
-    return {t: v for t, v in read_scalars(folder).items()
-            if not t.startswith(("time/", "memory/"))}
+    return {t: v for t, v in read_scalars(folder).items() if not t.startswith(("time/", "memory/"))}
 
 
 def test_ray_run_equals_local_and_resumes_after_a_killed_actor(tmp_path, monkeypatch):
@@ -90,8 +89,10 @@ def test_ray_run_equals_local_and_resumes_after_a_killed_actor(tmp_path, monkeyp
     assert state["iteration"] == 2  # iterations 0 and 1, intact
 
     train(cfg, remote, resume=True, progress=False)
-    expected, state = load_checkpoint(local / CHECKPOINT_FILE), load_checkpoint(
-        remote / CHECKPOINT_FILE)
+    expected, state = (
+        load_checkpoint(local / CHECKPOINT_FILE),
+        load_checkpoint(remote / CHECKPOINT_FILE),
+    )
     assert state["iteration"] == 3 and state["config"]["sampler"] == "ray"
     for k, v in expected["params"].items():
         torch.testing.assert_close(state["params"][k], v, rtol=0, atol=0)
@@ -126,16 +127,35 @@ def test_ctrl_c_or_sigterm_stops_the_run_its_actors_and_its_ray(tmp_path, how):
     folder = tmp_path / "run"
     path = os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "RAY_TMPDIR": temp_dir, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    argv = [sys.executable, str(ROOT / "scripts" / "train.py"), "--sampler", "ray",
-            "--num-workers", "2", "--output-folder", str(folder), "--no-progress",
-            "--torch-threads", "1", *[f"--{k}={v}" for k, v in TINY.items()],
-            "--num-batches=1000", "--hidden-sizes=[8]"]
+    argv = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--sampler",
+        "ray",
+        "--num-workers",
+        "2",
+        "--output-folder",
+        str(folder),
+        "--no-progress",
+        "--torch-threads",
+        "1",
+        *[f"--{k}={v}" for k, v in TINY.items()],
+        "--num-batches=1000",
+        "--hidden-sizes=[8]",
+    ]
     # SIGINT's default disposition in the child, as a terminal's process has it: a suite
     # started in the background (nohup ... &) inherits SIGINT ignored, and there the run
     # did not stop on this test's Ctrl-C within 60 s.
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (folder / CHECKPOINT_FILE).exists():

@@ -12,8 +12,16 @@ from benchmarks import ray_sampler_bench as bench  # noqa: E402
 
 def test_tiny_run_measures_every_backend_and_writes_the_section(tmp_path):
     slow = bench.Workload(bench.SLOW_ENV_ID, 2, 3, 5, {"step_ms": 0.2})
-    result = bench.run_ray_benchmark("binom_rl/HalfCheetahVel-v0", 2, 2, 5, num_workers=2,
-                                     slow=slow, repeats=1, actor_counts=(1, 2))
+    result = bench.run_ray_benchmark(
+        "binom_rl/HalfCheetahVel-v0",
+        2,
+        2,
+        5,
+        num_workers=2,
+        slow=slow,
+        repeats=1,
+        actor_counts=(1, 2),
+    )
     assert not ray.is_initialized()
     assert set(result["workloads"]) == {"binom_rl/HalfCheetahVel-v0", bench.SLOW_ENV_ID}
     for workload, rows in result["workloads"].values():

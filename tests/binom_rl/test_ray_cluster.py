@@ -42,8 +42,9 @@ def test_two_nodes_give_the_local_episodes_and_a_lost_node_is_one_error(cluster)
         act = lambda obs, generator: batched_sample(policy, phi, obs, generator)  # noqa: E731
         expected = local.sample(tasks, act, 3, seed=1)
 
-    sampler = MultiTaskSampler(NAV, max_episode_steps=20, backend="ray", num_workers=2,
-                               ray_address=cluster.address)
+    sampler = MultiTaskSampler(
+        NAV, max_episode_steps=20, backend="ray", num_workers=2, ray_address=cluster.address
+    )
     try:
         assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2
         episodes = sampler.sample(tasks, act, 3, seed=1)

@@ -85,14 +85,18 @@ CASES = [
 @pytest.mark.parametrize("env_id,num_workers,act_in_workers", CASES)
 def test_ray_gives_the_local_episodes(helpers, env_id, num_workers, act_in_workers):
     """3 tasks x 3 episodes: 2 or 3 actors split a task's episodes between them."""
-    options = {"max_episode_steps": 6 if env_id != COUNTDOWN else None, "rescale_actions": True,
-               "clip_actions": True}
+    options = {
+        "max_episode_steps": 6 if env_id != COUNTDOWN else None,
+        "rescale_actions": True,
+        "clip_actions": True,
+    }
     with MultiTaskSampler(env_id, **options) as local:
         tasks = local.sample_tasks(3, seed=1)
         act = policy_act(local, 3)
         expected = [local.sample(tasks, act, 3, seed=s) for s in (2, 3)]
-    with MultiTaskSampler(env_id, backend="ray", num_workers=num_workers,
-                          act_in_workers=act_in_workers, **options) as remote:
+    with MultiTaskSampler(
+        env_id, backend="ray", num_workers=num_workers, act_in_workers=act_in_workers, **options
+    ) as remote:
         assert remote.act_in_workers is act_in_workers
         for s, episodes in zip((2, 3), expected, strict=True):
             assert_episodes_equal(remote.sample(tasks, act, 3, seed=s), episodes)
@@ -103,8 +107,11 @@ def test_ray_gives_the_local_episodes(helpers, env_id, num_workers, act_in_worke
 def test_a_sample_call_is_one_round_trip_per_actor(monkeypatch):
     calls = []
     send = ray_sampler.RayWorker.send
-    monkeypatch.setattr(ray_sampler.RayWorker, "send",
-                        lambda self, cmd, *args: calls.append(cmd) or send(self, cmd, *args))
+    monkeypatch.setattr(
+        ray_sampler.RayWorker,
+        "send",
+        lambda self, cmd, *args: calls.append(cmd) or send(self, cmd, *args),
+    )
     with MultiTaskSampler(NAV, backend="ray", num_workers=2, max_episode_steps=20) as sampler:
         tasks = sampler.sample_tasks(2, seed=0)
         sampler.sample(tasks, policy_act(sampler, 2), 2, seed=0)
@@ -173,19 +180,23 @@ def test_env_module_the_actors_cannot_import_is_a_value_error(monkeypatch):
         sys.path.remove(str(HELPERS))
     module.DriverOnlyEnv = type("DriverOnlyEnv", (PointGoalEnv,), {"__module__": module.__name__})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    gym.register("binom_rl_test/DriverOnly-v0", entry_point=module.DriverOnlyEnv,
-                 max_episode_steps=5)
+    gym.register(
+        "binom_rl_test/DriverOnly-v0", entry_point=module.DriverOnlyEnv, max_episode_steps=5
+    )
     try:
-        with pytest.raises(ValueError, match="cannot load env binom_rl_test/DriverOnly-v0.*"
-                           "binom_rl_driver_only_envs"):
+        with pytest.raises(
+            ValueError,
+            match="cannot load env binom_rl_test/DriverOnly-v0.*binom_rl_driver_only_envs",
+        ):
             MultiTaskSampler("binom_rl_test/DriverOnly-v0", backend="ray", num_workers=1)
     finally:
         del gym.registry["binom_rl_test/DriverOnly-v0"]
 
 
 def test_more_actors_than_cpus_is_refused_before_starting_any():
-    with pytest.raises(ValueError, match="num_workers 50 Ray actors need 50 CPUs, the Ray "
-                       "cluster has 3"):
+    with pytest.raises(
+        ValueError, match="num_workers 50 Ray actors need 50 CPUs, the Ray cluster has 3"
+    ):
         MultiTaskSampler(NAV, backend="ray", num_workers=50)
     assert ray_sampler._state["users"] == 0
 

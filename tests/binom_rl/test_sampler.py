@@ -26,7 +26,7 @@ NAV = "binom_rl/2DNavigation-v0"
 # Episode length = task["end"] (terminates), reward r_t = end + a_t, obs = (t, end, noise)
 # with noise ~ N(0, 1) drawn at reset from np_random; stepping after the end raises.
 USER_MODULE = "binom_rl_test_user_envs"
-USER_ENV_SOURCE = textwrap.dedent('''
+USER_ENV_SOURCE = textwrap.dedent("""
     import gymnasium as gym
     import numpy as np
 
@@ -61,7 +61,7 @@ USER_ENV_SOURCE = textwrap.dedent('''
 
 
     gym.register("EarlyStop-v0", entry_point=EarlyStopEnv, max_episode_steps=10)
-''')
+""")
 
 
 @pytest.fixture
@@ -99,8 +99,9 @@ def test_navigation_shapes_and_rewards_by_hand():
     actions = ep.actions.double().numpy()
     positions = np.cumsum(np.clip(actions, -0.1, 0.1), axis=0)
     goals = np.stack([t["goal"] for t in tasks])[None, :, None, :]
-    np.testing.assert_allclose(ep.rewards.numpy(), -np.linalg.norm(positions - goals, axis=-1),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ep.rewards.numpy(), -np.linalg.norm(positions - goals, axis=-1), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(ep.observations[1:].numpy(), positions[:-1], atol=1e-6)
     assert torch.all(ep.observations[0] == 0)
     torch.testing.assert_close(ep.returns, ep.rewards.sum(0))
@@ -116,8 +117,10 @@ def test_rescale_actions_maps_unit_box_onto_env_bounds():
     with MultiTaskSampler(NAV, max_episode_steps=3) as sampler:
         raw = sampler.sample(tasks, half, 2, seed=1)
     # the policy's 0.5 in [-1, 1] is 0.05 in [-0.1, 0.1]; without rescaling it is clipped to 0.1
-    torch.testing.assert_close(scaled.observations[1:], torch.full((2, 2, 2, 2), 0.05) *
-                               torch.arange(1, 3).view(2, 1, 1, 1))
+    torch.testing.assert_close(
+        scaled.observations[1:],
+        torch.full((2, 2, 2, 2), 0.05) * torch.arange(1, 3).view(2, 1, 1, 1),
+    )
     torch.testing.assert_close(raw.observations[1], torch.full((2, 2, 2), 0.1))
     assert torch.all(scaled.actions == 0.5)  # episodes keep the policy's own actions
 
@@ -175,8 +178,9 @@ def test_same_seed_same_episodes_and_seeds_matter():
     assert len(set(seeds)) == 12 and episode_seeds(10, 2, 2) == seeds[:2] + seeds[4:6]
 
 
-@pytest.mark.parametrize("env_id, num_states", [("binom_rl/Bandit-v0", 1),
-                                                ("binom_rl/TabularMDP-v0", 10)])
+@pytest.mark.parametrize(
+    "env_id, num_states", [("binom_rl/Bandit-v0", 1), ("binom_rl/TabularMDP-v0", 10)]
+)
 def test_discrete_shapes(env_id, num_states):
     def act(obs, generator):
         return torch.randint(5, obs.shape[:2], generator=generator)
@@ -261,8 +265,7 @@ def test_test_split_uses_sample_test_tasks_where_the_env_has_it(helper_envs_on_p
 
 def test_callable_entry_point_env_in_process(user_env_id):
     module = pytest.importorskip(USER_MODULE)
-    gym.register("binom_rl_test/Callable-v0", entry_point=module.EarlyStopEnv,
-                 max_episode_steps=5)
+    gym.register("binom_rl_test/Callable-v0", entry_point=module.EarlyStopEnv, max_episode_steps=5)
     try:
         with MultiTaskSampler("binom_rl_test/Callable-v0") as sampler:
             ep = sampler.sample([{"end": 2}, {"end": 7}], uniform_act_1d, 2, seed=0)
@@ -310,8 +313,7 @@ def test_user_env_in_workers_and_killed_worker_raises(user_env_id):
         tasks = local.sample_tasks(4, seed=3)
         expected = local.sample(tasks, uniform_act_1d, batch_size=3, seed=1)
     with MultiTaskSampler(user_env_id, num_workers=2) as sampler:
-        assert_episodes_equal(sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=1),
-                              expected)
+        assert_episodes_equal(sampler.sample(tasks, uniform_act_1d, batch_size=3, seed=1), expected)
         victim = sampler._workers[1].process
 
         def killing_act(obs, generator):

@@ -124,10 +124,12 @@ def test_batch_env_matches_metaworld_envs_and_pooled_envs_do_not_leak_state(reac
             for _ in range(25):
                 actions = rng.uniform(-1, 1, size=(3, 4)).astype(np.float32)
                 obs, reward, terminated, success = batch.step(actions)
-                steps = [env.step(a.astype(np.float64)) for env, a in zip(fresh, actions,
-                                                                          strict=True)]
-                np.testing.assert_array_equal(obs, np.stack([s[0] for s in steps]).astype(
-                    np.float32))
+                steps = [
+                    env.step(a.astype(np.float64)) for env, a in zip(fresh, actions, strict=True)
+                ]
+                np.testing.assert_array_equal(
+                    obs, np.stack([s[0] for s in steps]).astype(np.float32)
+                )
                 np.testing.assert_array_equal(reward, [s[1] for s in steps])
                 np.testing.assert_array_equal(success, [bool(s[4]["success"]) for s in steps])
                 assert not terminated.any()
@@ -202,8 +204,9 @@ def test_sampler_success_matches_metaworld_with_a_scripted_policy_and_workers(mw
 def test_horizon_past_metaworlds_500_steps(reach):
     with MultiTaskSampler(ML1, max_episode_steps=503) as sampler:
         assert sampler.horizon == 503
-        ep = sampler.sample(sampler.sample_tasks(1, seed=0),
-                            lambda o, g: torch.zeros(*o.shape[:2], 4), 1, seed=0)
+        ep = sampler.sample(
+            sampler.sample_tasks(1, seed=0), lambda o, g: torch.zeros(*o.shape[:2], 4), 1, seed=0
+        )
     assert ep.lengths.tolist() == [[503]]
     assert gym.spec(ML1).max_episode_steps == 500
 

@@ -16,12 +16,19 @@ SIMPLE_IDS = ["binom_rl/2DNavigation-v0", "binom_rl/Bandit-v0", "binom_rl/Tabula
 
 def test_all_ids_registered_with_horizons():
     expected = {
-        "binom_rl/2DNavigation-v0": 100, "binom_rl/HalfCheetahVel-v0": 200,
-        "binom_rl/HalfCheetahDir-v0": 200, "binom_rl/AntVel-v0": 200, "binom_rl/AntDir-v0": 200,
-        "binom_rl/AntGoal-v0": 200, "binom_rl/HopperRandParams-v0": 200,
-        "binom_rl/Walker2dRandParams-v0": 200, "binom_rl/Bandit-v0": 10,
-        "binom_rl/TabularMDP-v0": 10, "binom_rl/MetaWorldML1-v0": 500,
-        "binom_rl/MetaWorldML10-v0": 500, "binom_rl/MetaWorldML45-v0": 500,
+        "binom_rl/2DNavigation-v0": 100,
+        "binom_rl/HalfCheetahVel-v0": 200,
+        "binom_rl/HalfCheetahDir-v0": 200,
+        "binom_rl/AntVel-v0": 200,
+        "binom_rl/AntDir-v0": 200,
+        "binom_rl/AntGoal-v0": 200,
+        "binom_rl/HopperRandParams-v0": 200,
+        "binom_rl/Walker2dRandParams-v0": 200,
+        "binom_rl/Bandit-v0": 10,
+        "binom_rl/TabularMDP-v0": 10,
+        "binom_rl/MetaWorldML1-v0": 500,
+        "binom_rl/MetaWorldML10-v0": 500,
+        "binom_rl/MetaWorldML45-v0": 500,
     }
     assert binom_rl.envs.registered_ids() == sorted(expected)
     for env_id, horizon in expected.items():

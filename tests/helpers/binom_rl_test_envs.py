@@ -138,8 +138,9 @@ class SuccessBatchEnv:
         self.action_space = self.envs[0].action_space
 
     def reset(self, seeds):
-        return np.stack([env.reset(seed=int(s))[0] for env, s in zip(self.envs, seeds,
-                                                                    strict=True)])
+        return np.stack(
+            [env.reset(seed=int(s))[0] for env, s in zip(self.envs, seeds, strict=True)]
+        )
 
     def step(self, actions):
         # the sampler masks what ended envs report, so stepping them on does no harm here

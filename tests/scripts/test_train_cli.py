@@ -461,7 +461,8 @@ BAD_FLAGS = {
     "negative kl-penalty": (["--kl-penalty", "-0.001"], "kl-penalty must be >= 0"),
     "zero kl-target": (["--kl-target", "0"], "kl-target must be > 0 or null"),
     "kl-target without penalty": (
-        ["--kl-target", "0.01", "--kl-penalty", "0"], "it needs kl-penalty > 0",
+        ["--kl-target", "0.01", "--kl-penalty", "0"],
+        "it needs kl-penalty > 0",
     ),
     "dice on cut episodes": (
         ["--inner-loss", "dice", "--fvp-subsample", "2", "--fvp-subsample-by", "steps"],
@@ -862,6 +863,8 @@ def test_metaworld_without_the_extra_exit_2_nothing_written(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "[metaworld]" in err[0], err
     assert not folder.exists()
+
+
 def test_profile_iteration_cli_several_configs_and_estimators(tmp_path, capsys, tiny_argv):
     """Two configs x two estimators: four columns, and the ratio row."""
     script = _load_script("profile_iteration")
