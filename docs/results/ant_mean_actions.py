@@ -1,6 +1,6 @@
 """How much of an Ant policy's return its action noise costs: the return and speed of each
 test task's policy when it acts with its Gaussian's means (docs/results/locomotion.md,
-"What the action noise costs"):
+"The inner step's size and the action noise"):
 ``python docs/results/ant_mean_actions.py RUN [--num-batches 1]``.
 
 The test tasks, episode seeds and inner step are evaluate.py's (its first ``--num-batches``
@@ -28,8 +28,9 @@ META_BATCH = 40
 
 def mean_actions(phi: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """phi with every log-std at LOG_STD_MEAN_ACTIONS (the Gaussian's means as actions)."""
-    return {k: torch.full_like(v, LOG_STD_MEAN_ACTIONS) if k == "log_std" else v
-            for k, v in phi.items()}  # fmt: skip
+    return {
+        k: torch.full_like(v, LOG_STD_MEAN_ACTIONS) if k == "log_std" else v for k, v in phi.items()
+    }
 
 
 def main() -> None:
@@ -65,11 +66,12 @@ def main() -> None:
                 means = learner.inner.sample(tasks, mean_actions(phi), seed)
                 for how, eps in (("sampled", episodes), ("means", means)):
                     name = f"{k} step{'s' if k != 1 else ''}, {how}"
+                    speed = mean_x_velocity(eps, vx).double()
                     for what, value in (
                         ("return", eps.returns.double().mean(1)),
-                        ("speed", mean_x_velocity(eps, vx).double()),
+                        ("speed", speed),
                         # AntDir: speed along the task's direction (the reward's term)
-                        ("speed along the goal", mean_x_velocity(eps, vx).double() * goal_sign),
+                        ("speed along the goal", speed * goal_sign),
                         ("episode length", eps.lengths.double().mean(1)),
                     ):
                         columns.setdefault(f"{name}: {what}", []).append(value.numpy())
