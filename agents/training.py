@@ -18,6 +18,7 @@ import fcntl
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -414,10 +415,10 @@ def _save_line_plot(
     output: str | os.PathLike,
     ylabel: str,
     title: str | None = None,
-    env_steps_per_iteration: int | None = None,
+    env_steps: EnvSteps | None = None,
 ) -> Path:
     """One PNG of (iterations, values, label) curves against the meta-iteration, with a
-    second x-axis of env steps where ``env_steps_per_iteration`` is given."""
+    second x-axis of env steps where ``env_steps`` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,11 +428,17 @@ def _save_line_plot(
     for steps, values, label in curves:
         ax.plot(steps, values, label=label)
     ax.set_xlabel("meta-iteration")
-    if env_steps_per_iteration:
-        per_million = env_steps_per_iteration / 1e6
-        top = ax.secondary_xaxis("top", functions=(lambda i: i * per_million,
-                                                   lambda m: m / per_million))  # fmt: skip
-        top.set_xlabel("env steps sampled (millions)")
+    if env_steps is not None:
+        iterations, millions = env_steps.iterations, env_steps.steps / 1e6
+        top = ax.secondary_xaxis("top", functions=(
+            lambda i: _interpolate(i, iterations, millions),
+            lambda m: _interpolate(m, millions, iterations),
+        ))  # fmt: skip
+        top.set_xlabel(
+            "env steps sampled (millions)"
+            if env_steps.exact
+            else "env steps sampled (millions; upper bound: full-horizon episodes)"
+        )
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
@@ -494,21 +501,59 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -
         curves.append((steps, [scalars[tag][s] for s in steps], label))
     return _save_line_plot(
         curves, output, "mean return of the sampled episodes", title=str(Path(folder).name),
-        env_steps_per_iteration=_env_steps_per_iteration(folder),
+        env_steps=_env_steps_sampled(folder, scalars),
     )  # fmt: skip
 
 
-def _env_steps_per_iteration(folder: str | os.PathLike) -> int | None:
-    """meta-batch x fast-batch x (K + 1) x horizon of the run's config: the env steps one
-    iteration samples when no episode ends early; None where the config leaves the horizon
-    to the env (max-episode-steps null)."""
+@dataclass(frozen=True)
+class EnvSteps:
+    """Env steps sampled before each meta-iteration: ``steps[j]`` before ``iterations[j]``
+    (``iterations`` = 0..n, so ``steps[-1]`` is the run's total); ``exact`` where counted
+    from the logged episode lengths, False for the full-horizon upper bound."""
+
+    iterations: np.ndarray
+    steps: np.ndarray
+    exact: bool
+
+
+def _env_steps_sampled(
+    folder: str | os.PathLike, scalars: dict[str, dict[int, float]]
+) -> EnvSteps | None:
+    """The run's env steps against the meta-iteration, from its saved config and scalars.
+
+    Iteration i samples meta-batch x fast-batch episodes at each of the K + 1 steps, so
+    meta-batch x fast-batch x sum_k episodes/length_step_k[i] env steps; that is exact
+    wherever every iteration 0..n-1 logged every length. Otherwise (runs that predate the
+    length scalars) it is meta-batch x fast-batch x (K + 1) x horizon per iteration, the
+    count when no episode ends early, an upper bound. None without a saved config, or
+    without lengths and a horizon (max-episode-steps null)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         return None
     cfg = Config.from_saved(load_yaml(path))
-    if cfg.max_episode_steps is None:
+    episodes = cfg.meta_batch_size * cfg.fast_batch_size
+    n = len(scalars.get("returns/step_0", {}))
+    lengths = [scalars.get(f"episodes/length_step_{k}", {}) for k in range(cfg.num_steps + 1)]
+    if n and all(set(by_it) >= set(range(n)) for by_it in lengths):
+        per_iteration = [episodes * sum(by_it[i] for by_it in lengths) for i in range(n)]
+        return EnvSteps(np.arange(n + 1), np.concatenate([[0.0], np.cumsum(per_iteration)]), True)
+    if not n or cfg.max_episode_steps is None:
         return None
-    return run_budget(cfg, cfg.max_episode_steps, iterations=1)
+    per_iteration = run_budget(cfg, cfg.max_episode_steps, iterations=1)
+    return EnvSteps(np.arange(n + 1), per_iteration * np.arange(n + 1, dtype=float), False)
+
+
+def _interpolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Piecewise-linear map through (xp, fp), xp increasing, continued past both ends along
+    the end segments (np.interp alone would clamp, and a plot's margins lie outside)."""
+    x = np.asarray(x, dtype=float)
+    y = np.interp(x, xp, fp)
+    if len(xp) < 2:
+        return y
+    lo = (fp[1] - fp[0]) / (xp[1] - xp[0])
+    hi = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    y = np.where(x < xp[0], fp[0] + (x - xp[0]) * lo, y)
+    return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * hi, y)
 
 
 def run_budget(cfg: Config, horizon: int, iterations: int | None = None) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -269,16 +270,77 @@ def test_runs_saved_before_newer_keys_load_with_their_old_behaviour(straight_run
     assert load_run(steps)[0].fvp_subsample_by == "steps"
 
 
-def test_env_steps_per_iteration_from_the_saved_config(tmp_path, tiny_config):
-    """meta-batch 3 x fast-batch 4 x (K + 1 = 2) x horizon 10; none without a horizon."""
-    from binom_rl.agents.training import _env_steps_per_iteration
+def _write_scalars(folder, scalars: dict[str, list[float]]) -> None:
+    """TensorBoard events holding ``tag: [value at iteration 0, 1, ...]``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for tag, values in scalars.items():
+            for i, value in enumerate(values):
+                writer.add_scalar(tag, value, i)
+
+
+def test_env_steps_sampled_counts_the_logged_episode_lengths(tmp_path, tiny_config):
+    """meta-batch 3 x fast-batch 4 episodes per step, K = 1: iteration i samples
+    12 x (length_step_0[i] + length_step_1[i]) env steps, summed by hand here."""
+    from binom_rl.agents.training import _env_steps_sampled, read_scalars
     from binom_rl.config import Config, save_config
 
     save_config(Config.from_dict(tiny_config()), tmp_path / "config.yaml")
-    assert _env_steps_per_iteration(tmp_path) == 3 * 4 * 2 * 10
+    _write_scalars(tmp_path, {
+        "returns/step_0": [0.0, 0.0, 0.0], "returns/step_1": [0.0, 0.0, 0.0],
+        "episodes/length_step_0": [10.0, 7.5, 4.0], "episodes/length_step_1": [9.0, 6.0, 2.25],
+    })  # fmt: skip
+    got = _env_steps_sampled(tmp_path, read_scalars(tmp_path))
+    assert got.exact
+    assert got.iterations.tolist() == [0, 1, 2, 3]
+    assert got.steps.tolist() == [0.0, 12 * 19.0, 12 * 19.0 + 12 * 13.5, 12 * (19 + 13.5 + 6.25)]
+
+
+def test_env_steps_sampled_without_lengths_is_the_full_horizon_bound(tmp_path, tiny_config):
+    """A run that logged no episode lengths (or not at every iteration): meta-batch 3 x
+    fast-batch 4 x (K + 1 = 2) x horizon 10 per iteration, marked inexact; none without a
+    horizon, a config or any iteration."""
+    from binom_rl.agents.training import _env_steps_sampled, read_scalars
+    from binom_rl.config import Config, save_config
+
+    save_config(Config.from_dict(tiny_config()), tmp_path / "config.yaml")
+    _write_scalars(tmp_path, {
+        "returns/step_0": [0.0, 0.0],
+        "episodes/length_step_0": [10.0], "episodes/length_step_1": [9.0],
+    })  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    got = _env_steps_sampled(tmp_path, scalars)
+    assert not got.exact
+    assert got.steps.tolist() == [0.0, 240.0, 480.0]
     save_config(Config.from_dict(tiny_config(max_episode_steps=None)), tmp_path / "config.yaml")
-    assert _env_steps_per_iteration(tmp_path) is None
-    assert _env_steps_per_iteration(tmp_path / "missing") is None
+    assert _env_steps_sampled(tmp_path, scalars) is None
+    assert _env_steps_sampled(tmp_path, {}) is None
+    assert _env_steps_sampled(tmp_path / "missing", scalars) is None
+
+
+def test_interpolate_continues_the_end_segments():
+    """Inside: np.interp; outside: the first and last segments' lines, so the env-steps
+    axis stays invertible over a plot's margins."""
+    from binom_rl.agents.training import _interpolate
+
+    xp, fp = np.array([0.0, 1.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    got = _interpolate(np.array([-1.0, 0.5, 2.0, 5.0]), xp, fp)
+    assert got.tolist() == [-2.0, 1.0, 2.5, 4.0]
+    assert _interpolate(got, fp, xp).tolist() == [-1.0, 0.5, 2.0, 5.0]
+
+
+def test_plot_training_curves_writes_a_png(tmp_path, tiny_config):
+    from binom_rl.agents.training import plot_training_curves
+    from binom_rl.config import Config, save_config
+
+    save_config(Config.from_dict(tiny_config()), tmp_path / "config.yaml")
+    _write_scalars(tmp_path, {
+        "returns/step_0": [-3.0, -2.0], "returns/step_1": [-2.0, -1.0],
+        "episodes/length_step_0": [10.0, 8.0], "episodes/length_step_1": [9.0, 7.0],
+    })  # fmt: skip
+    out = plot_training_curves(tmp_path, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_init_policy_starts_from_the_named_policy(straight_run, tmp_path, _cfg):
