@@ -507,13 +507,17 @@ def plot_training_curves(folder: str | os.PathLike, output: str | os.PathLike) -
 
 @dataclass(frozen=True)
 class EnvSteps:
-    """Env steps sampled before each meta-iteration: ``steps[j]`` before ``iterations[j]``
-    (``iterations`` = 0..n, so ``steps[-1]`` is the run's total); ``exact`` where counted
-    from the logged episode lengths, False for the full-horizon upper bound."""
+    """Env steps sampled before each meta-iteration: ``steps[i]`` before iteration i, for
+    i = 0..n, so ``steps[-1]`` is the run's total; ``exact`` where counted from the logged
+    episode lengths, False for the full-horizon upper bound."""
 
-    iterations: np.ndarray
     steps: np.ndarray
     exact: bool
+
+    @property
+    def iterations(self) -> np.ndarray:
+        """0..n, the iterations ``steps`` is indexed by."""
+        return np.arange(len(self.steps))
 
 
 def _env_steps_sampled(
@@ -536,11 +540,11 @@ def _env_steps_sampled(
     lengths = [scalars.get(f"episodes/length_step_{k}", {}) for k in range(cfg.num_steps + 1)]
     if n and all(set(by_it) >= set(range(n)) for by_it in lengths):
         per_iteration = [episodes * sum(by_it[i] for by_it in lengths) for i in range(n)]
-        return EnvSteps(np.arange(n + 1), np.concatenate([[0.0], np.cumsum(per_iteration)]), True)
+        return EnvSteps(np.concatenate([[0.0], np.cumsum(per_iteration)]), exact=True)
     if not n or cfg.max_episode_steps is None:
         return None
     per_iteration = run_budget(cfg, cfg.max_episode_steps, iterations=1)
-    return EnvSteps(np.arange(n + 1), per_iteration * np.arange(n + 1, dtype=float), False)
+    return EnvSteps(per_iteration * np.arange(n + 1, dtype=float), exact=False)
 
 
 def _interpolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
